@@ -1,0 +1,44 @@
+# vfiod developer entry points. `make run` and `make test` are the two commands a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# QEMU (>= 10.1 with vfio-user-pci) and guest images are cached outside the clone, so a
+# second clone or a second CI run on the same machine reuses them.
+export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
+
+.PHONY: venv run test test-fast qemu guest-images bench lint clean
+
+$(VENV)/.stamp: pyproject.toml setup.py cffi_build/build_tce.py cffi_build/tce.c
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+run: venv
+	$(PY) -m vfiod
+
+qemu:
+	tools/provision-qemu.sh
+
+guest-images: qemu
+	tools/build-guest-images.sh
+
+test: venv qemu guest-images
+	$(PY) -m pytest -q
+
+# Everything that needs no QEMU (quick edit-test loop).
+test-fast: venv
+	$(PY) -m pytest -q -m 'not qemu'
+
+bench: venv
+	$(PY) -m bench
+
+lint: venv
+	$(VENV)/bin/ruff check vfiod protocol cffi_build tests bench
+	$(VENV)/bin/mypy vfiod protocol
+
+clean:
+	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so

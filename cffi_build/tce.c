@@ -1,0 +1,1 @@
+int vfiod_tce_abi_version(void) { return 1; }

@@ -1,0 +1,1 @@
+"""Sans-I/O vfio-user wire protocol (installed as ``vfiod.protocol``)."""
