@@ -1,0 +1,54 @@
+"""Receive buffer that remembers which stream position each batch of fds arrived with.
+
+Linux delivers SCM_RIGHTS with the first bytes of the sender's sendmsg, so a batch of fds
+belongs to the message that contains the first byte of the chunk it came with. Positions are
+absolute stream offsets, which makes that attribution independent of how the bytes were split.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+
+class ReceiveBuffer:
+    """Bytes plus fd marks; messages are taken off the front whole."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._start = 0  # absolute stream offset of self._data[0]
+        self._marks: deque[tuple[int, tuple[int, ...]]] = deque()
+        self.eof = False
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Append a chunk; `fds` are attributed to the chunk's first byte."""
+        if fds:
+            if not data:
+                raise ValueError("fds must arrive with at least one byte")
+            self._marks.append((self._start + len(self._data), tuple(fds)))
+        self._data += data
+
+    def peek(self, n: int) -> bytes | None:
+        """The first `n` bytes, or None if fewer are buffered."""
+        if len(self._data) < n:
+            return None
+        return bytes(self._data[:n])
+
+    def take(self, n: int) -> tuple[bytes, tuple[int, ...]]:
+        """Remove `n` bytes (all must be buffered) and the fds that arrived with them."""
+        if len(self._data) < n:
+            raise ValueError("not enough data buffered")
+        chunk = bytes(self._data[:n])
+        del self._data[:n]
+        self._start += n
+        fds: list[int] = []
+        while self._marks and self._marks[0][0] < self._start:
+            fds.extend(self._marks.popleft()[1])
+        return chunk, tuple(fds)
+
+    def take_all(self) -> tuple[bytes, tuple[int, ...]]:
+        """Remove everything: used when the stream is broken and nothing can be parsed."""
+        return self.take(len(self._data))
