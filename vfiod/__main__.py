@@ -1,0 +1,96 @@
+"""Command line: ``vfiod [--config FILE]`` and ``vfiod --check-config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from vfiod import __version__
+from vfiod.config import Config, ConfigError, load
+from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
+
+EPILOG = """\
+Without --config, vfiod serves its embedded default configuration (one test function).
+Each function gets its own vfio-user socket; attach it to a QEMU >= 10.1 guest with
+  -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -m 2G
+  -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"SOCKET"}}'
+SIGTERM or SIGINT stops the daemon: clients are closed and sockets removed.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfiod",
+        description="Serve emulated PCI functions to QEMU guests over vfio-user.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (default: embedded)")
+    p.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="check a configuration, report every problem, exit non-zero if any",
+    )
+    p.add_argument("--socket-dir", metavar="DIR", help="override the socket directory")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default INFO)",
+    )
+    p.add_argument("--version", action="version", version=f"vfiod {__version__}")
+    return p
+
+
+def announce(daemon: Daemon) -> None:
+    print(f"vfiod {__version__}: serving {len(daemon.endpoints)} function(s)", flush=True)
+    for ep in daemon.endpoints:
+        print(f"  {ep.name}: {ep.path}")
+    print("Attach a function to a QEMU >= 10.1 guest (shared memfd RAM is required):")
+    for ep in daemon.endpoints:
+        print(
+            "  qemu-system-x86_64 -accel tcg -M q35 -m 2G -nographic \\\n"
+            "    -object memory-backend-memfd,id=mem,size=2G,share=on "
+            "-machine memory-backend=mem \\\n"
+            f"    -device '{qemu_device_arg(ep.path, ep.name)}' ..."
+        )
+    print("Stop with Ctrl-C or SIGTERM.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.check_config:
+        try:
+            load(args.check_config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"{exc.source}: {problem}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: OK")
+        return 0
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        print("vfiod: refusing to start on a bad configuration", file=sys.stderr)
+        return 1
+    if args.socket_dir:
+        config = Config(Path(args.socket_dir), config.functions, config.source)
+    try:
+        trio.run(serve_until_signalled, config, announce)
+    except OSError as exc:
+        print(f"vfiod: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

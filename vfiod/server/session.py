@@ -1,0 +1,315 @@
+"""One vfio-user client of one function: bytes in, function calls, replies out.
+
+Requests are handled strictly in arrival order (QEMU pipelines its DMA_MAPs and relies on a
+later read seeing earlier posted writes), each to completion before the next is read, and every
+handler is synchronous and short so a reply is never late for QEMU's 5 s timeout.
+
+Every peer is treated as hostile: a malformed message gets an error reply and the session goes
+on; a broken stream ends this session only. Every fd received is either handed to its owner
+(the DMA table or the function) or closed here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import trio
+
+from vfiod.pci.dma import NoDmaSpace
+from vfiod.pci.function import PciFunction
+from vfiod.protocol import (
+    CLOSED,
+    NEED_DATA,
+    BadMessage,
+    Capabilities,
+    Connection,
+    DeviceFeature,
+    DeviceGetInfo,
+    DeviceGetIrqInfo,
+    DeviceGetRegionInfo,
+    DeviceInfoReply,
+    DeviceReset,
+    DeviceResetReply,
+    DeviceSetIrqs,
+    DmaMap,
+    DmaMapReply,
+    DmaUnmap,
+    DmaUnmapFlag,
+    DmaUnmapReply,
+    ErrorReply,
+    Event,
+    IrqInfoReply,
+    LocalProtocolError,
+    MsixMappableCap,
+    Outgoing,
+    RegionCap,
+    RegionRead,
+    RegionReadReply,
+    RegionWrite,
+    RegionWriteMulti,
+    RegionWriteMultiReply,
+    RegionWriteReply,
+    RemoteProtocolError,
+    Reply,
+    Role,
+    SetIrqsReply,
+    SparseMmapCap,
+    TypeCap,
+    Version,
+    VersionReply,
+    make_region_info_reply,
+    server_capabilities,
+)
+from vfiod.server.dma import DmaMapTable
+from vfiod.transport import Channel, close_fds
+
+log = logging.getLogger(__name__)
+
+MAX_DATA_XFER_SIZE = 1 << 20
+MAX_MSG_FDS = 16
+#: How long a refused second client gets to say VERSION before it is simply closed.
+REFUSAL_GRACE = 2.0
+
+
+class SessionEnded(Exception):
+    """The peer broke the protocol in a way that ends its session (logged, not re-raised)."""
+
+
+class Session:
+    def __init__(
+        self,
+        function: PciFunction,
+        channel: Channel,
+        name: str,
+        dma_factory: Callable[[], DmaMapTable] = DmaMapTable,
+    ) -> None:
+        self.function = function
+        self.channel = channel
+        self.name = name
+        self.conn = Connection(
+            Role.SERVER, max_data_xfer_size=MAX_DATA_XFER_SIZE, max_msg_fds=MAX_MSG_FDS
+        )
+        self.dma = dma_factory()
+        self.client_caps: Capabilities | None = None
+        self.messages = 0
+        self.errors = 0
+
+    async def run(self) -> None:
+        """Serve this client until it goes away or breaks the stream."""
+        self.function.attach_dma(self.dma)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._serve()
+                except SessionEnded as exc:
+                    log.warning("function %s: closing the client: %s", self.name, exc)
+                except OSError as exc:
+                    log.info("function %s: connection lost: %s", self.name, exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            # The next client must find the function as a fresh VFIO open would: reset, its
+            # interrupts released, no DMA view left over from this client.
+            self.function.attach_dma(NoDmaSpace())
+            self.function.reset()
+            self.dma.close()
+            self.channel.close()
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                close_fds(exc.fds)
+                raise SessionEnded(f"broken stream: {exc}") from None
+            if event is NEED_DATA:
+                data, fds = await self.channel.receive()
+                if self.channel.fds_truncated:
+                    close_fds(fds)
+                    raise SessionEnded("sent more fds than any message may carry")
+                self.conn.receive_data(data, fds)
+                continue
+            if event is CLOSED:
+                return
+            assert isinstance(event, Event)
+            self.messages += 1
+            reply = self._handle(event)
+            if reply is not None:
+                out = self._encode_reply(event, reply)
+                await self.channel.send(out.data, out.fds)
+
+    def _encode_reply(self, request: Event, reply: Reply | ErrorReply) -> Outgoing:
+        """Encode a reply; one that cannot fit the peer's buffer degrades instead of crashing."""
+        try:
+            return self.conn.send(reply)
+        except LocalProtocolError as exc:
+            if isinstance(reply, VersionReply):
+                # A client whose VERSION is shorter than our answer: state only what differs
+                # from the defaults QEMU assumes.
+                small = VersionReply(0, 0, {"capabilities": {"max_msg_fds": MAX_MSG_FDS}},
+                                     msg_id=reply.msg_id)
+                try:
+                    return self.conn.send(small)
+                except LocalProtocolError:
+                    pass
+            log.info("function %s: cannot send %s: %s", self.name, type(reply).__name__, exc)
+            return self.conn.send(ErrorReply(_id(request), None, errno.EINVAL))
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _handle(self, ev: Event) -> Reply | ErrorReply | None:
+        if isinstance(ev, BadMessage):
+            close_fds(ev.fds)
+            self.errors += 1
+            log.info("function %s: bad message %d: %s", self.name, ev.command, ev.reason)
+            if ev.reason == "unexpected reply":
+                raise SessionEnded("sent a reply to a request we never made")
+            return None if ev.no_reply else ErrorReply(ev.msg_id, ev.command, ev.errno)
+        handler = self._handlers.get(type(ev))
+        if handler is None:
+            # Only replies to our own requests land here, and we make none yet.
+            close_fds(getattr(ev, "fds", ()) or ())
+            raise SessionEnded(f"unexpected {type(ev).__name__}")
+        msg_id = ev.msg_id
+        no_reply = getattr(ev, "no_reply", False)
+        try:
+            reply = handler(self, ev)
+        except OSError as exc:
+            self.errors += 1
+            err = exc.errno or errno.EIO
+            log.info("function %s: %s refused: %s", self.name, type(ev).__name__, exc)
+            return None if no_reply else ErrorReply(msg_id, int(ev.command), err)
+        return None if no_reply else reply
+
+    def _version(self, ev: Version) -> Reply:
+        try:
+            self.client_caps = Capabilities.from_json(ev.caps.get("capabilities", {}))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise OSError(errno.EINVAL, f"bad capabilities: {exc}") from None
+        caps = server_capabilities(
+            max_msg_fds=MAX_MSG_FDS, max_data_xfer_size=MAX_DATA_XFER_SIZE
+        )
+        return VersionReply(0, 0, {"capabilities": caps}, msg_id=_id(ev))
+
+    def _dma_map(self, ev: DmaMap) -> Reply:
+        self.dma.map(ev.iova, ev.size, ev.offset, ev.flags, ev.fd)
+        return DmaMapReply(msg_id=_id(ev))
+
+    def _dma_unmap(self, ev: DmaUnmap) -> Reply:
+        if ev.flags == DmaUnmapFlag.ALL:
+            if ev.iova or ev.size:
+                raise OSError(errno.EINVAL, "UNMAP_ALL with an address or size")
+            self.dma.unmap_all()
+        elif ev.flags == 0:
+            self.dma.unmap(ev.iova, ev.size)
+        else:
+            raise OSError(errno.EINVAL, f"unsupported DMA_UNMAP flags {ev.flags:#x}")
+        return DmaUnmapReply(msg_id=_id(ev))
+
+    def _device_get_info(self, ev: DeviceGetInfo) -> Reply:
+        f = self.function
+        return DeviceInfoReply(f.device_flags, f.num_regions, f.num_irqs, msg_id=_id(ev))
+
+    def _region_info(self, ev: DeviceGetRegionInfo) -> Reply:
+        info = self.function.region_info(ev.index)
+        caps: list[RegionCap] = []
+        if info.sparse_areas:
+            caps.append(SparseMmapCap(tuple(info.sparse_areas)))
+        if info.region_type is not None:
+            caps.append(TypeCap(*info.region_type))
+        if info.msix_mappable:
+            caps.append(MsixMappableCap())
+        return make_region_info_reply(
+            msg_id=_id(ev),
+            flags=info.flags,
+            index=info.index,
+            size=info.size,
+            offset=info.offset,
+            caps=caps,
+            fd=info.fd,
+            byteorder=self.conn.byteorder,
+        )
+
+    def _irq_info(self, ev: DeviceGetIrqInfo) -> Reply:
+        info = self.function.irq_info(ev.index)
+        return IrqInfoReply(info.flags, info.index, info.count, msg_id=_id(ev))
+
+    def _set_irqs(self, ev: DeviceSetIrqs) -> Reply:
+        # The function owns the fds from here on, even when it refuses them.
+        self.function.set_irqs(ev.index, ev.flags, ev.start, ev.count, list(ev.fds))
+        return SetIrqsReply(msg_id=_id(ev))
+
+    def _region_read(self, ev: RegionRead) -> Reply:
+        data = self.function.region_read(ev.region, ev.offset, ev.count)
+        return RegionReadReply(ev.offset, ev.region, data, msg_id=_id(ev))
+
+    def _region_write(self, ev: RegionWrite) -> Reply:
+        self.function.region_write(ev.region, ev.offset, ev.data)
+        return RegionWriteReply(msg_id=_id(ev))
+
+    def _region_write_multi(self, ev: RegionWriteMulti) -> Reply:
+        for w in ev.writes:
+            self.function.region_write(w.region, w.offset, w.data)
+        return RegionWriteMultiReply(msg_id=_id(ev))
+
+    def _device_reset(self, ev: DeviceReset) -> Reply:
+        self.function.reset()
+        return DeviceResetReply(msg_id=_id(ev))
+
+    def _device_feature(self, ev: DeviceFeature) -> Reply:
+        # No migration and no dma-buf: QEMU treats ENOTTY as "feature not supported".
+        raise OSError(errno.ENOTTY, "no device features")
+
+    _handlers: dict[type, Callable[[Session, Event], Reply]] = {
+        Version: _version,
+        DmaMap: _dma_map,
+        DmaUnmap: _dma_unmap,
+        DeviceGetInfo: _device_get_info,
+        DeviceGetRegionInfo: _region_info,
+        DeviceGetIrqInfo: _irq_info,
+        DeviceSetIrqs: _set_irqs,
+        RegionRead: _region_read,
+        RegionWrite: _region_write,
+        RegionWriteMulti: _region_write_multi,
+        DeviceReset: _device_reset,
+        DeviceFeature: _device_feature,
+    }
+
+
+def _id(ev: Event) -> int:
+    msg_id = getattr(ev, "msg_id", None)
+    assert msg_id is not None  # received requests always carry their id
+    return int(msg_id)
+
+
+async def refuse(channel: Channel, name: str) -> None:
+    """Tell a second client that the function is taken (EBUSY), then close it."""
+    conn = Connection(Role.SERVER)
+    try:
+        with trio.move_on_after(REFUSAL_GRACE):
+            while True:
+                try:
+                    event = conn.next_event()
+                except RemoteProtocolError as exc:
+                    close_fds(exc.fds)
+                    return
+                if event is NEED_DATA:
+                    data, fds = await channel.receive()
+                    conn.receive_data(data, fds)
+                    continue
+                if event is CLOSED:
+                    return
+                close_fds(getattr(event, "fds", ()) or ())
+                fd = getattr(event, "fd", None)
+                if fd is not None:
+                    close_fds([fd])
+                if isinstance(event, Version) and event.msg_id is not None:
+                    out = conn.send(ErrorReply(event.msg_id, int(event.command), errno.EBUSY))
+                    await channel.send(out.data, out.fds)
+                return
+    except OSError:
+        pass  # the refused peer vanished; nothing to tell it
+    finally:
+        log.warning("function %s: refused a second client (EBUSY)", name)
+        channel.close()
