@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno as E
+import struct as _struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from construct import ConstructError, Struct
+from construct import ConstructError
 
 from .capabilities import decode_caps_json, encode_caps_json
 from .constants import (
@@ -36,7 +37,7 @@ from .events import (
     Request,
     WriteMultiEntry,
 )
-from .structs import ByteOrder, WireStructs, field_names, wire_structs
+from .structs import ByteOrder, Packer, WireStructs, packer, wire_structs
 
 
 class Malformed(Exception):
@@ -262,28 +263,28 @@ class Codec:
 
     def __init__(self, byteorder: ByteOrder) -> None:
         self.structs = wire_structs(byteorder)
+        self._header = packer(self.structs.header, byteorder)
+        self._packers: dict[str, Packer] = {
+            f.name: packer(getattr(self.structs, f.name), byteorder)
+            for f in dataclasses.fields(WireStructs)
+            if f.name != "byteorder"
+        }
 
     # header ---------------------------------------------------------------------------------
 
     def parse_header(self, raw: bytes) -> dict[str, int]:
-        h = self.structs.header.parse(raw)
-        return {name: h[name] for name in field_names(self.structs.header)}
+        return self._header.parse(raw)
 
     def header(self, msg_id: int, command: int, size: int, flags: int, error: int = 0) -> bytes:
         try:
-            return bytes(
-                self.structs.header.build(
-                    {"msg_id": msg_id, "command": command, "size": size, "flags": flags,
-                     "error": error}
-                )
-            )
-        except ConstructError as exc:
+            return self._header.st.pack(msg_id, command, size, flags, error)
+        except _struct.error as exc:
             raise Malformed(E.EINVAL, f"header field out of range: {exc}") from None
 
     # shared rules ---------------------------------------------------------------------------
 
-    def _head_struct(self, layout: Layout) -> Struct | None:
-        return getattr(self.structs, layout.head) if layout.head else None
+    def _head_struct(self, layout: Layout) -> Packer | None:
+        return self._packers[layout.head] if layout.head else None
 
     @staticmethod
     def _validate(
@@ -316,19 +317,19 @@ class Codec:
         command = ev.command
         layout = _KIND_TABLES[kind][0][command]
         struct = self._head_struct(layout)
-        names = field_names(struct) if struct is not None else ()
+        names = struct.names if struct is not None else ()
         values: dict[str, Any] = {n: getattr(ev, n, 0) for n in names}
         fds = event_fds(ev)
         try:
             tail = layout.tail.encode(ev, values, self.structs)
-            head_len = struct.sizeof() if struct is not None else 0
+            head_len = struct.size if struct is not None else 0
             body_len = head_len + len(tail)
             if layout.argsz == "exact" or (layout.argsz == "total" and values["argsz"] is None):
                 values["argsz"] = body_len
             self._validate(kind, command, layout, values, body_len, head_len, len(fds),
                            max_data_xfer_size, max_msg_fds)
-            head = bytes(struct.build(values)) if struct is not None else b""
-        except ConstructError as exc:
+            head = struct.build(values) if struct is not None else b""
+        except (ConstructError, _struct.error) as exc:
             raise Malformed(E.EINVAL, f"field out of range: {exc}") from None
         except TypeError as exc:
             raise Malformed(E.EINVAL, f"bad field type: {exc}") from None
@@ -352,11 +353,10 @@ class Codec:
         values: dict[str, Any] = {}
         head_len = 0
         if struct is not None:
-            head_len = struct.sizeof()
+            head_len = struct.size
             if len(body) < head_len:
                 raise Malformed(E.EINVAL, f"body of {len(body)} bytes, fixed part is {head_len}")
-            parsed = struct.parse(body[:head_len])
-            values = {n: parsed[n] for n in field_names(struct)}
+            values = struct.parse(body)
         self._validate(kind, command, layout, values, len(body), head_len, len(fds),
                        max_data_xfer_size, max_msg_fds)
         values.update(layout.tail.decode(body[head_len:], values, self.structs))

@@ -8,18 +8,22 @@ on any host. Offsets in comments count from the start of the message, header inc
 from __future__ import annotations
 
 import functools
+import struct as _struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from construct import (
     Bytes,
     Construct,
+    FormatField,
     Int16ub,
     Int16ul,
     Int32ub,
     Int32ul,
     Int64ub,
     Int64ul,
+    Renamed,
     Struct,
 )
 
@@ -103,3 +107,47 @@ def wire_structs(byteorder: ByteOrder) -> WireStructs:
         sparse_area=s(offset=u64, size=u64),
         cap_type=s(type=u32, subtype=u32),
     )
+
+
+@dataclass(frozen=True)
+class Packer:
+    """A construct Struct compiled to one ``struct.Struct`` for the hot path.
+
+    The construct declaration stays the single source of truth; this is derived from it (and
+    the tests check both give the same bytes). Interpreting construct field by field costs
+    about 100 us a message, which would dominate a REGION_READ round trip.
+    """
+
+    names: tuple[str, ...]
+    st: _struct.Struct
+
+    @property
+    def size(self) -> int:
+        return self.st.size
+
+    def parse(self, raw: bytes | memoryview) -> dict[str, Any]:
+        return dict(zip(self.names, self.st.unpack_from(raw), strict=True))
+
+    def build(self, values: Mapping[str, Any]) -> bytes:
+        return self.st.pack(*[values[n] for n in self.names])
+
+
+@functools.cache
+def _packer_cached(cs: Struct, byteorder: ByteOrder) -> Packer:
+    fmt = "<" if byteorder == "little" else ">"
+    names = []
+    for sc in cs.subcons:
+        inner = sc.subcon if isinstance(sc, Renamed) else sc
+        if isinstance(inner, FormatField):
+            fmt += inner.fmtstr[1:]
+        elif isinstance(inner, Bytes) and isinstance(inner.length, int):
+            fmt += f"{inner.length}s"
+        else:
+            raise TypeError(f"cannot compile field {sc.name!r} of type {type(inner).__name__}")
+        names.append(sc.name)
+    return Packer(tuple(names), _struct.Struct(fmt))
+
+
+def packer(cs: Struct, byteorder: ByteOrder) -> Packer:
+    """The compiled form of one of the fixed structs above."""
+    return _packer_cached(cs, byteorder)

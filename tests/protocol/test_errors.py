@@ -6,6 +6,7 @@ import errno as E
 
 import pytest
 from proto_helpers import ORDERS, Order, drain, header, one, pack, ready_client, ready_server
+
 from vfiod.protocol import (
     NEED_DATA,
     BadMessage,

@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from proto_helpers import ORDERS, Order, header, pack, pair
+
 from vfiod.protocol import (
     CLOSED,
     NEED_DATA,

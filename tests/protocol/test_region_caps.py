@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from proto_helpers import ORDERS, Order, pack
+
 from vfiod.protocol import (
     MsixMappableCap,
     RegionCap,

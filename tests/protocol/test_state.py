@@ -6,6 +6,7 @@ import errno as E
 
 import pytest
 from proto_helpers import deliver, header, one, pack, pair, ready_client, ready_server
+
 from vfiod.protocol import (
     BadMessage,
     Connection,

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from proto_helpers import ORDERS, Order, drain, header, pack, ready_server
+
 from vfiod.protocol import (
     CLOSED,
     NEED_DATA,

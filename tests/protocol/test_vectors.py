@@ -6,6 +6,7 @@ import json
 
 import pytest
 from proto_helpers import ORDERS, Order, drain, header, one, pack, ready_client, ready_server
+
 from vfiod.protocol import (
     CLOSED,
     NEED_DATA,
