@@ -1,0 +1,181 @@
+"""Partitionable endpoints and their IOMMU groups.
+
+One PE per function (PF or VF): it owns up to two window slots (TVEs), its EEH state and its
+IOMMU group. Every device access of the function is attributed to its PE, so a fault by one
+function freezes only that function, and its DMA reaches only what its own tables allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .constants import EEH_PE_STATE_NORMAL
+from .eeh import EehState
+from .fastpath import TranslateFault
+from .memory import DmaFault, Piece
+from .window import Window
+
+if TYPE_CHECKING:
+    from .container import Container
+    from .phb import Phb
+
+
+class IommuGroup:
+    """The VFIO unit of ownership: here exactly one PE (SR-IOV gives every VF its own)."""
+
+    def __init__(self, pe: Pe, group_id: int) -> None:
+        self.pe: Pe | None = pe
+        self.id = group_id
+        self.container: Container | None = None
+
+    @property
+    def name(self) -> str:
+        pe = self.pe
+        return f"domain{pe.phb.index}-pe{pe.number:x}" if pe else f"group{self.id}"
+
+    def __repr__(self) -> str:
+        return f"IommuGroup({self.id}, {self.name})"
+
+
+class Pe:
+    """One PE of a PHB: window slots, EEH state, IOMMU group, translation of device accesses."""
+
+    def __init__(self, phb: Phb, number: int) -> None:
+        self.phb = phb
+        self.number = number
+        self.windows: list[Window | None] = [None] * phb.max_windows
+        self.eeh = EehState(supported=phb.eeh, inject_supported=phb.eeh_inject)
+        self.group = IommuGroup(self, phb.index * 0x10000 + number)
+
+    def __repr__(self) -> str:
+        return f"Pe(phb={self.phb.index}, number={self.number}, eeh_state={self.eeh_state})"
+
+    # -- naming --
+    def liobn(self, num: int) -> int:
+        """LIOBN of window slot ``num`` (0 or 1) of this PE."""
+        return self.phb.liobn(self.number, num)
+
+    @property
+    def container(self) -> Container | None:
+        return self.group.container
+
+    # -- windows --
+    def set_window(self, num: int, window: Window | None) -> None:
+        """Program (or with None, clear) a TVE slot."""
+        self.windows[num] = window
+
+    def active_windows(self) -> int:
+        return sum(1 for w in self.windows if w is not None)
+
+    def window_for(self, iova: int) -> Window | None:
+        for w in self.windows:
+            if w is not None and w.contains(iova):
+                return w
+        return None
+
+    # -- EEH --
+    @property
+    def eeh_state(self) -> int:
+        """0 normal, 1 reset, 2 stopped (MMIO+DMA), 4 DMA stopped, 5 unavailable."""
+        return self.eeh.state
+
+    @property
+    def frozen(self) -> bool:
+        return self.eeh.state != EEH_PE_STATE_NORMAL
+
+    def freeze(self) -> None:
+        self.eeh.freeze()
+
+    def eeh_op(
+        self, op: int, err_type: int = 0, func: int = 0, addr: int = 0, mask: int = 0
+    ) -> int:
+        return self.eeh.op(op, err_type, func, addr, mask)
+
+    def on_reset(self, hook: Callable[[int], None]) -> None:
+        """Call ``hook(op)`` when a hot/fundamental reset of this PE is deactivated."""
+        self.eeh.reset_hooks.append(hook)
+
+    # -- MMIO and config filtered by the EEH state --
+    def mmio_read(self, size: int, read: Callable[[], bytes]) -> bytes:
+        """Loads of a frozen PE return all-ones and never reach the device."""
+        if not self.eeh.mmio_enabled:
+            return b"\xff" * size
+        return read()
+
+    def mmio_write(self, write: Callable[[], None]) -> bool:
+        """Stores of a frozen PE are dropped; returns whether it reached the device."""
+        if not self.eeh.mmio_enabled:
+            return False
+        write()
+        return True
+
+    def config_read(self, size: int, read: Callable[[], bytes]) -> bytes:
+        if self.eeh.config_blocked:
+            return b"\xff" * size
+        return read()
+
+    # -- DMA translation --
+    def _fault(self, iova: int, length: int, write: bool, reason: str) -> DmaFault:
+        self.eeh.freeze()
+        return DmaFault(iova, length, write, reason)
+
+    def translate_sg(self, sg: Sequence[tuple[int, int]], write: bool) -> list[Piece]:
+        """Host pieces for a scatter-gather list of (iova, length); DmaFault freezes the PE.
+
+        The whole list is translated before the caller touches any byte, so a fault anywhere
+        means nothing is read or written.
+        """
+        if not self.eeh.dma_enabled:
+            total = sum(n for _, n in sg)
+            raise DmaFault(sg[0][0] if sg else 0, total, write, "DMA of the PE is frozen")
+        mem = self.phb.memory
+        raw: list[tuple[int, int, int]] = []
+        i = 0
+        n = len(sg)
+        while i < n:
+            iova, length = sg[i]
+            if length == 0:
+                i += 1
+                continue
+            if length < 0 or iova < 0 or iova + length > 1 << 64:
+                raise self._fault(iova, length, write, "bad range")
+            w = self.window_for(iova)
+            if w is None:
+                raise self._fault(iova, length, write, "no window")
+            j = i + 1
+            while j < n and sg[j][1] > 0 and w.contains(sg[j][0]):
+                j += 1
+            try:
+                part = w.translate_raw(sg[i:j], write, mem)
+            except TranslateFault as f:
+                reason = "no permission, invalid TCE or unbacked address"
+                raise self._fault(f.iova, sg[i + f.index][1], write, reason) from None
+            if raw and part and raw[-1][0] == part[0][0] and raw[-1][1] + raw[-1][2] == part[0][1]:
+                r0, o0, l0 = raw.pop()
+                part[0] = (r0, o0, l0 + part[0][2])
+            raw.extend(part)
+            i = j
+        return [(mem.region(r).buffer, off, ln) for r, off, ln in raw]
+
+    def translate(self, iova: int, length: int, write: bool) -> list[Piece]:
+        """Host pieces (buffer, offset, length) for a device access; DmaFault freezes the PE."""
+        return self.translate_sg([(iova, length)], write)
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        """Device reads memory (needs TCE_READ)."""
+        pieces = self.translate(iova, length, False)
+        return b"".join(bytes(buf[off : off + ln]) for buf, off, ln in pieces)
+
+    def dma_write(self, iova: int, data: bytes) -> None:
+        """Device writes memory (needs TCE_WRITE)."""
+        pieces = self.translate(iova, len(data), True)
+        view = memoryview(data).cast("B")
+        pos = 0
+        for buf, off, ln in pieces:
+            buf[off : off + ln] = view[pos : pos + ln]
+            pos += ln
+
+    # DmaSpace protocol (ARCHITECTURE.md): a function's DMA goes through its PE.
+    read = dma_read
+    write = dma_write
