@@ -1,0 +1,139 @@
+"""The daemon as a process: start, announce, serve, stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfiod import client
+from vfiod.client import from_little
+from vfiod.devices import testdev as td
+
+
+async def start_daemon(*args: str) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "vfiod", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_for(path: Path, timeout: float = 15) -> None:
+    with trio.fail_after(timeout):
+        while not path.exists():
+            await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serves_then_stops_cleanly(tmp_path: Path, signum: int) -> None:
+    proc = await start_daemon("--socket-dir", str(tmp_path))
+    sock = tmp_path / "test0.sock"
+    try:
+        await wait_for(sock)
+        async with client.connect(sock) as dev:
+            assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
+            proc.send_signal(signum)
+            with trio.fail_after(10):
+                await proc.wait()
+            with pytest.raises(ConnectionError):
+                await dev.config_read(0, 2)  # the client was closed, not left hanging
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert not sock.exists()
+    assert proc.stdout is not None
+    out = (await proc.stdout.receive_some(65536)).decode()
+    assert str(sock) in out and "vfio-user-pci" in out
+
+
+async def test_refuses_to_steal_a_live_socket(tmp_path: Path) -> None:
+    first = await start_daemon("--socket-dir", str(tmp_path))
+    try:
+        await wait_for(tmp_path / "test0.sock")
+        second = await start_daemon("--socket-dir", str(tmp_path))
+        with trio.fail_after(15):
+            await second.wait()
+        assert second.returncode == 1
+        async with client.connect(tmp_path / "test0.sock") as dev:  # the first is untouched
+            assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
+    finally:
+        first.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await first.wait()
+
+
+async def test_stale_socket_of_a_dead_daemon_is_replaced(tmp_path: Path) -> None:
+    proc = await start_daemon("--socket-dir", str(tmp_path))
+    await wait_for(tmp_path / "test0.sock")
+    proc.kill()  # no chance to clean up
+    await proc.wait()
+    assert (tmp_path / "test0.sock").exists()
+    proc = await start_daemon("--socket-dir", str(tmp_path))
+    try:
+        with trio.fail_after(15):
+            while True:
+                try:
+                    async with client.connect(tmp_path / "test0.sock") as dev:
+                        assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await proc.wait()
+
+
+def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'socket_dir = "relative"\nbogus = 1\n'
+        '[[function]]\nname = "a"\npersonality = "nope"\n'
+        '[[function]]\nname = "has space"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "vfiod", "--check-config", str(bad)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1
+    for needle in ["socket_dir", "bogus", "function[0].personality", "function[1].name"]:
+        assert needle in out.stderr
+    assert out.stderr.count(str(bad)) == 4
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('socket_dir = "/tmp/x"\n[[function]]\nname = "vf0"\npersonality = "testdev"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "vfiod", "--check-config", str(good)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_daemon_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[function]]\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "vfiod", "--config", str(bad), "--socket-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1
+    assert "refusing to start" in out.stderr
+    assert list(tmp_path.glob("*.sock")) == []
+
+
+def test_help_describes_the_command_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vfiod", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0
+    for option in ["--config", "--check-config", "--socket-dir", "--log-level"]:
+        assert option in out.stdout
