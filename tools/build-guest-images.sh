@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Build guest kernels + initramfs from Debian trixie packages (`make guest-images`).
+#
+# For each arch in GUEST_ARCHES (default "x86_64"; "ppc64le" is the other one supported):
+#   $VFIOD_CACHE/guest/<arch>/vmlinuz (x86_64) or vmlinux (ppc64le)   the kernel
+#   $VFIOD_CACHE/guest/<arch>/initrd.img     gzip'ed newc cpio: busybox-static, /init
+#                                            (tools/guest-init.sh), modules GUEST_MODULES + deps
+#   $VFIOD_CACHE/guest/<arch>/modules        the modules in the initramfs, in load order
+#   $VFIOD_CACHE/guest/<arch>/kernel-release
+#   $VFIOD_CACHE/guest/<arch>/stamp          recipe hash + package versions
+# A valid stamp (same scripts, same module list) makes a re-run instant and offline.
+#
+# Packages come from a private apt configuration per Debian architecture under
+# $VFIOD_CACHE/apt/<debarch>/ (trixie, same mirror and components as the host's sources, signed by
+# the host's Debian archive keyring), fetched with `apt-get download` and unpacked with dpkg-deb -x.
+#
+# Environment: GUEST_ARCHES, GUEST_MODULES (default "nvme"), VFIOD_GUEST_REFRESH=1 (re-download
+# and rebuild), VFIOD_GUEST_SUITE (default trixie), RETRIES.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tools/common.sh
+. "$here/common.sh"
+
+GUEST_ARCHES=${GUEST_ARCHES:-x86_64}
+GUEST_MODULES=${GUEST_MODULES:-nvme}
+SUITE=${VFIOD_GUEST_SUITE:-trixie}
+PYTHON=${PYTHON:-python3}
+FORMAT=1
+
+command -v dpkg-deb >/dev/null || die "dpkg-deb not found (this needs a Debian host)"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
+
+recipe_hash() {  # ARCH
+    {
+        printf 'format=%s arch=%s suite=%s modules=%s\n' "$FORMAT" "$1" "$SUITE" "$GUEST_MODULES"
+        cat "$here/build-guest-images.sh" "$here/mkinitramfs.py" "$here/guest-init.sh" \
+            "$here/../vfiod/qemu/cpio.py"
+    } | sha256sum | cut -d' ' -f1
+}
+
+# Private apt for one Debian architecture. Sets APT_CONFIG for the caller.
+setup_apt() {  # DEBARCH
+    local debarch=$1 d mirror components keyring
+    d=$VFIOD_CACHE/apt/$debarch
+    IFS='|' read -r mirror components < <(debian_mirror)
+    keyring=$(debian_keyring)
+    mkdir -p "$d/sources.list.d" "$d/preferences.d" "$d/state/lists/partial" \
+        "$d/cache/archives/partial" "$d/debs"
+    : >"$d/status.tmp"; [[ -f $d/status ]] || mv "$d/status.tmp" "$d/status"; rm -f "$d/status.tmp"
+    printf 'deb [signed-by=%s] %s %s %s\n' "$keyring" "$mirror" "$SUITE" "$components" \
+        >"$d/sources.list"
+    cat >"$d/apt.conf" <<EOF
+Dir::Etc::SourceList "$d/sources.list";
+Dir::Etc::SourceParts "$d/sources.list.d";
+Dir::Etc::Preferences "$d/preferences";
+Dir::Etc::PreferencesParts "$d/preferences.d";
+Dir::State "$d/state";
+Dir::State::status "$d/status";
+Dir::Cache "$d/cache";
+APT::Architecture "$debarch";
+APT::Architectures { "$debarch"; };
+APT::Sandbox::User "root";
+Acquire::Languages "none";
+Acquire::Retries "5";
+Acquire::http::Timeout "60";
+EOF
+    export APT_CONFIG=$d/apt.conf
+    APT_DIR=$d
+}
+
+# apt-get update that fails on any index problem (e.g. a mirror caught mid-sync), for retry.
+apt_update() {
+    apt-get -q -o APT::Update::Error-Mode=any update
+}
+
+pkg_version() {  # PKG -> candidate version
+    apt-cache show --no-all-versions "$1" 2>/dev/null | sed -n 's/^Version: //p' | head -n1
+}
+
+download() {  # PKG VERSION DEBARCH -> prints the .deb path (no retry here: see fetch_debs)
+    local pkg=$1 ver=$2 debarch=$3 f
+    f="$APT_DIR/debs/${pkg}_${ver//:/%3a}_${debarch}.deb"
+    if [[ ! -s $f ]]; then
+        log "downloading $pkg $ver ($debarch)"
+        (cd "$APT_DIR/debs" && apt-get -q download "$pkg=$ver" >&2) || return 1
+        [[ -s $f ]] || { log "apt-get download $pkg=$ver did not produce $f"; return 1; }
+        # Keep the cache bounded: drop other versions of the same package.
+        find "$APT_DIR/debs" -name "${pkg}_*.deb" ! -name "$(basename "$f")" -delete
+    fi
+    printf '%s\n' "$f"
+}
+
+# One attempt at index + resolution + downloads; retried as a whole, because a mirror caught
+# mid-sync can serve an index whose files are not in the pool yet (seen for ppc64el).
+# Sets KPKG KVER_PKG BVER KDEB BDEB.
+fetch_debs() {  # KMETA DEBARCH
+    local kmeta=$1 debarch=$2
+    log "updating the $SUITE package index ($debarch)"
+    apt_update || return 1
+    KPKG=$(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances "$kmeta" | sed -n 's/^ *Depends: \(linux-image-[^ ]*\).*/\1/p' | head -n1)
+    [[ -n $KPKG ]] || { log "cannot resolve $kmeta in $SUITE ($debarch)"; return 1; }
+    KVER_PKG=$(pkg_version "$KPKG")
+    BVER=$(pkg_version busybox-static)
+    [[ -n $KVER_PKG && -n $BVER ]] || { log "no candidate for $KPKG or busybox-static"; return 1; }
+    KDEB=$(download "$KPKG" "$KVER_PKG" "$debarch") || return 1
+    BDEB=$(download busybox-static "$BVER" "$debarch") || return 1
+}
+
+build_arch() {  # ARCH
+    local arch=$1 debarch kmeta kfile out recipe
+    case $arch in
+        x86_64|amd64) arch=x86_64 debarch=amd64 kmeta=linux-image-amd64 kfile=vmlinuz ;;
+        ppc64le|ppc64el) arch=ppc64le debarch=ppc64el kmeta=linux-image-powerpc64le kfile=vmlinux ;;
+        *) die "unsupported guest arch '$arch' (x86_64, ppc64le)" ;;
+    esac
+    out=$VFIOD_CACHE/guest/$arch
+    recipe=$(recipe_hash "$arch")
+    if [[ ${VFIOD_GUEST_REFRESH:-0} != 1 && -f $out/stamp && -s $out/$kfile && -s $out/initrd.img ]] \
+        && grep -qx "recipe=$recipe" "$out/stamp"; then
+        log "cached: $arch $(cat "$out/kernel-release") in $out"
+        return
+    fi
+    local t0=$SECONDS
+    setup_apt "$debarch"
+    KPKG="" KVER_PKG="" BVER="" KDEB="" BDEB=""
+    retry fetch_debs "$kmeta" "$debarch" \
+        || die "$arch: could not fetch $kmeta + busybox-static from $SUITE ($debarch) after ${RETRIES:-5} attempts (mirror mid-sync? try again later)"
+    local kpkg=$KPKG kver_pkg=$KVER_PKG bver=$BVER kdeb=$KDEB bdeb=$BDEB
+
+    local tmp=$out.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp/kernel" "$tmp/busybox" "$tmp/out"
+    log "$arch: unpacking $kpkg $kver_pkg and busybox-static $bver"
+    dpkg-deb -x "$kdeb" "$tmp/kernel"
+    dpkg-deb -x "$bdeb" "$tmp/busybox"
+
+    local kimg kver busybox
+    kimg=$(find "$tmp/kernel/boot" -maxdepth 1 -name "$kfile-*" -type f | head -n1)
+    [[ -n $kimg ]] || die "$kpkg has no /boot/$kfile-*"
+    kver=${kimg##*/"$kfile"-}
+    busybox=$(find "$tmp/busybox" -path '*bin/busybox' -type f | head -n1)
+    [[ -n $busybox ]] || die "busybox-static has no bin/busybox"
+
+    cp "$kimg" "$tmp/out/$kfile"
+    printf '%s\n' "$kver" >"$tmp/out/kernel-release"
+    "$PYTHON" "$here/mkinitramfs.py" --kernel-root "$tmp/kernel" --kver "$kver" \
+        --busybox "$busybox" --init "$here/guest-init.sh" --modules "$GUEST_MODULES" \
+        --out "$tmp/out/initrd.img" --modules-list "$tmp/out/modules"
+    cat >"$tmp/out/stamp" <<EOF
+recipe=$recipe
+arch=$arch
+kernel=$kpkg $kver_pkg
+busybox=busybox-static $bver
+modules=$GUEST_MODULES
+EOF
+    rm -rf "$out"
+    mv "$tmp/out" "$out"
+    rm -rf "$tmp"
+    log "$arch: kernel $kver + initrd ready in $out ($((SECONDS - t0)) s)"
+}
+
+for a in $GUEST_ARCHES; do
+    build_arch "$a"
+done
