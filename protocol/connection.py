@@ -168,14 +168,16 @@ def truncate_region_info(reply: RegionInfoReply, request_argsz: int) -> RegionIn
     """Fit a region-info reply into the client's buffer, as QEMU's two-step query expects.
 
     If the full payload (32 + caps) exceeds the request's argsz, send only the 32-byte struct
-    with argsz = the full size and cap_offset 0 (like the kernel) and no fd: QEMU discards this
-    reply and asks again with the bigger argsz (spec §2.5).
+    with argsz = the full size and no fd: QEMU discards this reply and asks again with the
+    bigger argsz (spec §2.5). CAPS and cap_offset stay as they are: QEMU 11.1 checks that a
+    CAPS reply's cap_offset lies in 32..argsz *before* it looks at argsz, so a zeroed offset
+    makes it fail the region with EINVAL instead of asking again.
     """
     full = REGION_INFO_SIZE + len(reply.caps)
     argsz = full if reply.argsz is None else reply.argsz
     if full <= request_argsz:
         return reply
-    return dataclasses.replace(reply, caps=b"", cap_offset=0, argsz=max(argsz, full), fd=None)
+    return dataclasses.replace(reply, caps=b"", argsz=max(argsz, full), fd=None)
 
 
 class Connection:

@@ -4,8 +4,9 @@
 usage: mkinitramfs.py --kernel-root DIR --kver KVER --busybox FILE --init FILE
                       --modules "nvme ..." --out initrd.img --modules-list FILE
 
-The requested modules and everything they depend on (the `depends=` of each module's .modinfo) are decompressed (.ko.xz/.gz/.zst)
-into /lib/modules/KVER/NAME.ko; /etc/vfiod-modules lists them in load order (dependencies first).
+The requested modules and everything they depend on (the `depends=` of each module's
+.modinfo) are decompressed (.ko.xz/.gz/.zst) into /lib/modules/KVER/NAME.ko;
+/etc/vfiod-modules lists them in load order (dependencies first).
 Modules built into the kernel (modules.builtin) are skipped. Output: gzip'ed newc cpio.
 """
 
@@ -54,7 +55,7 @@ def decompress(path: Path) -> bytes:
         return gzip.decompress(data)
     if path.name.endswith(".zst"):
         if shutil.which("zstd") is None:
-            sys.exit("mkinitramfs: zstd-compressed modules need the zstd tool (apt-get install zstd)")
+            sys.exit("mkinitramfs: zstd-compressed modules need zstd (apt-get install zstd)")
         return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
     return data
 

@@ -11,6 +11,7 @@ usage: qemu-selftest.py BIN_DIR
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -68,7 +69,9 @@ def test_vfio_user_socket(bindir: str, tmp: str) -> None:
     srv.bind(path)
     srv.listen(1)
     srv.settimeout(60)
-    dev = '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"},"id":"vfu0"}' % path
+    dev = json.dumps(
+        {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}, "id": "vfu0"}
+    )
     cmd = [
         os.path.join(bindir, "qemu-system-x86_64"),
         "-accel", "tcg", "-M", "q35", "-m", "128", "-nodefaults", "-display", "none", "-S",

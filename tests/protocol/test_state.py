@@ -141,7 +141,7 @@ def test_two_step_region_info_query() -> None:
     first = deliver(server, client, truncate_region_info(  # explicit helper, also applied by send
         RegionInfoReply(0xF, 2, 32, 0x1000, 0, caps, fd=5, msg_id=req.msg_id), 32))  # type: ignore[attr-defined]
     assert isinstance(first, RegionInfoReply)
-    assert (first.argsz, first.caps, first.fd, first.cap_offset) == (40, b"", None, 0)
+    assert (first.argsz, first.caps, first.fd, first.cap_offset) == (40, b"", None, 32)
     req = deliver(client, server, DeviceGetRegionInfo(2, argsz=first.argsz))
     second = deliver(server, client, RegionInfoReply(
         full.flags, 2, 32, 0x1000, 0, caps, fd=5, msg_id=req.msg_id))  # type: ignore[attr-defined]

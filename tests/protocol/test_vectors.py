@@ -172,13 +172,14 @@ def test_region_info_reply_with_sparse_mmap_chain(order: Order) -> None:
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_region_info_first_query_is_truncated(order: Order) -> None:
-    """spec §2.5: argsz 32 -> only the 32-byte struct, argsz = full size, no fd."""
+    """spec §2.5: argsz 32 -> only the 32-byte struct, argsz = full size, no fd; CAPS and
+    cap_offset kept (QEMU 11.1 checks cap_offset in 32..argsz before it asks again)."""
     server = ready_server(order)
     server.receive_data(header(order, 4, 5, 48) + pack(order, "IIIIQQ", 32, 0, 0, 0, 0, 0))
     one(server)
     out = server.send(make_region_info_reply(msg_id=4, flags=7, index=0, size=0x10000,
                                              caps=CAPS, fd=40, byteorder=order))
-    assert out.data == header(order, 4, 5, 48, 1) + pack(order, "IIIIQQ", 104, 0xF, 0, 0,
+    assert out.data == header(order, 4, 5, 48, 1) + pack(order, "IIIIQQ", 104, 0xF, 0, 32,
                                                          0x10000, 0)
     assert out.fds == ()
 

@@ -7,6 +7,10 @@ import os
 
 import pytest
 import trio
+
+from vfiod import client
+from vfiod.client import VfioUserError, from_little, little
+from vfiod.devices import testdev as td
 from vfiod.protocol import (
     DmaMap,
     DmaUnmap,
@@ -17,10 +21,6 @@ from vfiod.protocol import (
     RegionWrite,
     SetIrqsFlag,
 )
-
-from vfiod import client
-from vfiod.client import VfioUserError, from_little, little
-from vfiod.devices import testdev as td
 from vfiod.server.endpoint import Endpoint
 
 RW = 3

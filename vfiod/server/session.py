@@ -190,7 +190,7 @@ class Session:
         caps = server_capabilities(
             max_msg_fds=MAX_MSG_FDS, max_data_xfer_size=MAX_DATA_XFER_SIZE
         )
-        return VersionReply(0, 0, {"capabilities": caps}, msg_id=_id(ev))
+        return VersionReply(0, 0, caps, msg_id=_id(ev))
 
     def _dma_map(self, ev: DmaMap) -> Reply:
         self.dma.map(ev.iova, ev.size, ev.offset, ev.flags, ev.fd)
