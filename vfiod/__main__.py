@@ -51,14 +51,25 @@ def announce(daemon: Daemon) -> None:
     for ep in daemon.endpoints:
         print(f"  {ep.name}: {ep.path}")
     print("Attach a function to a QEMU >= 10.1 guest (shared memfd RAM is required):")
+    qemu = _provisioned_qemu()
     for ep in daemon.endpoints:
         print(
-            "  qemu-system-x86_64 -accel tcg -M q35 -m 2G -nographic \\\n"
+            f"  {qemu} -accel tcg -M q35 -m 2G -nographic \\\n"
             "    -object memory-backend-memfd,id=mem,size=2G,share=on "
             "-machine memory-backend=mem \\\n"
             f"    -device '{qemu_device_arg(ep.path, ep.name)}' ..."
         )
     print("Stop with Ctrl-C or SIGTERM.", flush=True)
+
+
+def _provisioned_qemu() -> str:
+    """The QEMU that `make qemu` provisioned, if any (Debian 12 has no new enough one)."""
+    from vfiod.qemu import QemuNotProvisioned, qemu_binary
+
+    try:
+        return str(qemu_binary("x86_64"))
+    except QemuNotProvisioned:
+        return "qemu-system-x86_64"
 
 
 def main(argv: list[str] | None = None) -> int:
