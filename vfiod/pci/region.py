@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from vfiod.pci.config import einval
 from vfiod.pci.constants import (
@@ -160,7 +160,7 @@ class Region:
             if win is None:
                 out += self._backing_read(pos, n)
             elif win.byte_level:
-                data = win.handler.read_bytes(pos - win.offset, n)
+                data = cast(BytesHandler, win.handler).read_bytes(pos - win.offset, n)
                 if len(data) != n:
                     raise einval("handler returned a short read")
                 out += data
@@ -168,7 +168,7 @@ class Region:
                 stop_pos = pos + n
                 while pos < stop_pos:
                     size = _chunk(pos - win.offset, stop_pos - pos)
-                    value = win.handler.read(pos - win.offset, size)
+                    value = cast(RegisterHandler, win.handler).read(pos - win.offset, size)
                     out += (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                     pos += size
                 continue
@@ -187,13 +187,13 @@ class Region:
             if win is None:
                 self._backing_write(pos, piece)
             elif win.byte_level:
-                win.handler.write_bytes(pos - win.offset, piece)
+                cast(BytesHandler, win.handler).write_bytes(pos - win.offset, piece)
             else:
                 i = 0
                 while i < n:
                     size = _chunk(pos + i - win.offset, n - i)
                     value = int.from_bytes(piece[i : i + size], "little")
-                    win.handler.write(pos + i - win.offset, size, value)
+                    cast(RegisterHandler, win.handler).write(pos + i - win.offset, size, value)
                     i += size
             pos += n
 
