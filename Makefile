@@ -37,8 +37,8 @@ bench: venv
 	$(PY) -m bench
 
 lint: venv
-	$(VENV)/bin/ruff check vfiod protocol cffi_build tests bench
-	$(VENV)/bin/mypy vfiod protocol
+	$(VENV)/bin/ruff check vfiod protocol cffi_build tests bench examples tools
+	$(VENV)/bin/mypy vfiod protocol bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so
