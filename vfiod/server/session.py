@@ -241,21 +241,34 @@ class Session:
         return SetIrqsReply(msg_id=_id(ev))
 
     def _region_read(self, ev: RegionRead) -> Reply:
+        if self._eeh_blocked(ev.region):
+            return RegionReadReply(ev.offset, ev.region, b"\xff" * ev.count, msg_id=_id(ev))
         data = self.function.region_read(ev.region, ev.offset, ev.count)
         return RegionReadReply(ev.offset, ev.region, data, msg_id=_id(ev))
 
     def _region_write(self, ev: RegionWrite) -> Reply:
-        self.function.region_write(ev.region, ev.offset, ev.data)
+        if not self._eeh_blocked(ev.region):
+            self.function.region_write(ev.region, ev.offset, ev.data)
         return RegionWriteReply(msg_id=_id(ev))
 
     def _region_write_multi(self, ev: RegionWriteMulti) -> Reply:
         for w in ev.writes:
-            self.function.region_write(w.region, w.offset, w.data)
+            if not self._eeh_blocked(w.region):
+                self.function.region_write(w.region, w.offset, w.data)
         return RegionWriteMultiReply(msg_id=_id(ev))
 
     def _device_reset(self, ev: DeviceReset) -> Reply:
+        thaw = getattr(self.dma, "device_reset", None)  # PeDma: a reset thaws a frozen PE
+        if thaw is not None:
+            thaw()
         self.function.reset()
         return DeviceResetReply(msg_id=_id(ev))
+
+    def _eeh_blocked(self, region: int) -> bool:
+        """EEH (PeDma only): a frozen PE's MMIO loads read all-ones and its stores are
+        dropped; config space likewise while an EEH reset is asserted."""
+        blocked = getattr(self.dma, "access_blocked", None)
+        return blocked is not None and bool(blocked(region))
 
     def _device_feature(self, ev: DeviceFeature) -> Reply:
         # No migration and no dma-buf: QEMU treats ENOTTY as "feature not supported".
