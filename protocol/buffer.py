@@ -1,8 +1,11 @@
 """Receive buffer that remembers which stream position each batch of fds arrived with.
 
-Linux delivers SCM_RIGHTS with the first bytes of the sender's sendmsg, so a batch of fds
-belongs to the message that contains the first byte of the chunk it came with. Positions are
-absolute stream offsets, which makes that attribution independent of how the bytes were split.
+Where fds go: the sender attaches them to the first bytes of its sendmsg. A Linux AF_UNIX stream
+recvmsg may first return bytes of earlier sends that carried no fds, but it stops right after
+the send that carries fds (unix_stream_read_generic ends the read once it has picked up fds). So
+a chunk's fds belong to the message that holds the chunk's *last* byte: seen with QEMU 11.1, which
+pipelines a DMA_UNMAP and the next DMA_MAP (with its RAM fd) into one chunk. Positions are
+absolute stream offsets, which makes the attribution independent of how the bytes were split.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ class ReceiveBuffer:
         return len(self._data)
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Append a chunk; `fds` are attributed to the chunk's first byte."""
+        """Append a chunk; `fds` are attributed to the chunk's last byte."""
         if fds:
             if not data:
                 raise ValueError("fds must arrive with at least one byte")
-            self._marks.append((self._start + len(self._data), tuple(fds)))
+            self._marks.append((self._start + len(self._data) + len(data) - 1, tuple(fds)))
         self._data += data
 
     def peek(self, n: int) -> bytes | None:

@@ -13,6 +13,7 @@ from vfiod.protocol import (
     BadMessage,
     Connection,
     DmaMap,
+    DmaUnmap,
     Event,
     RemoteProtocolError,
     Role,
@@ -48,8 +49,12 @@ def _stream(order: Order) -> tuple[bytes, dict[int, tuple[int, ...]]]:
 
 def _feed(conn: Connection, data: bytes, marks: dict[int, tuple[int, ...]],
           cuts: set[int]) -> list[Event | Sentinel]:
-    """Deliver data cut at `cuts` and at every fd-carrying sendmsg start (as the kernel does)."""
-    bounds = sorted({0, len(data)} | {c for c in cuts if 0 < c < len(data)} | set(marks))
+    """Deliver data cut at `cuts`, the way Linux does with fds: a read stops right after the
+    send that carried fds, and the fds come with the read that returns that send's first byte."""
+    ends = {a + int.from_bytes(data[a + 4 : a + 8], conn.byteorder): fds
+            for a, fds in marks.items()}
+    bounds = sorted({0, len(data)} | {c for c in cuts if 0 < c < len(data)} | set(ends))
+    starts = sorted(marks)
     events: list[Event | Sentinel] = []
 
     def pull() -> None:
@@ -61,7 +66,8 @@ def _feed(conn: Connection, data: bytes, marks: dict[int, tuple[int, ...]],
                 return
 
     for a, b in zip(bounds, bounds[1:], strict=False):
-        conn.receive_data(data[a:b], marks.get(a, ()))
+        fds = next((marks[m] for m in starts if a <= m < b), ())
+        conn.receive_data(data[a:b], fds)
         pull()
     conn.receive_data(b"")
     pull()
@@ -107,17 +113,25 @@ def test_random_multi_split(cuts: set[int], order: Order) -> None:
     assert _feed(conn, data, marks, cuts) == _reference(order)
 
 
-def test_fds_belong_to_message_holding_first_byte_of_chunk() -> None:
-    """A chunk that ends message A and starts message B: its fds are A's."""
+def test_fds_belong_to_message_holding_last_byte_of_chunk() -> None:
+    """QEMU pipelines a DMA_UNMAP and the next DMA_MAP; Linux returns both in one chunk with
+    the map's fd (a read stops right after the send that carried fds): the fd is the map's."""
     server = ready_server()
-    a = header("little", 1, 2, 48) + pack("little", "IIQQQ", 32, 3, 0, 0, 0x1000)
-    b = header("little", 2, 2, 48) + pack("little", "IIQQQ", 32, 3, 0, 0x1000, 0x1000)
-    server.receive_data(a[:10])
-    server.receive_data(a[10:] + b[:20], [55])
-    server.receive_data(b[20:], [56])
+    unmap = header("little", 1, 3, 40) + pack("little", "IIQQ", 24, 0, 0, 0x1000)
+    dmamap = header("little", 2, 2, 48) + pack("little", "IIQQQ", 32, 3, 0, 0x1000, 0x1000)
+    server.receive_data(unmap[:10])
+    server.receive_data(unmap[10:] + dmamap, [55])
     evs = drain(server)
-    assert evs[0] == DmaMap(3, 0, 0, 0x1000, fd=55, msg_id=1)
-    assert evs[1] == DmaMap(3, 0, 0x1000, 0x1000, fd=56, msg_id=2)
+    assert evs[0] == DmaUnmap(0, 0, 0x1000, msg_id=1)
+    assert evs[1] == DmaMap(3, 0, 0x1000, 0x1000, fd=55, msg_id=2)
+
+
+def test_fds_of_a_message_read_in_parts_come_with_its_first_part() -> None:
+    server = ready_server()
+    dmamap = header("little", 2, 2, 48) + pack("little", "IIQQQ", 32, 3, 0, 0x1000, 0x1000)
+    server.receive_data(dmamap[:20], [56])
+    server.receive_data(dmamap[20:])
+    assert drain(server)[0] == DmaMap(3, 0, 0x1000, 0x1000, fd=56, msg_id=2)
 
 
 def test_two_fd_batches_in_one_message_are_merged_and_checked() -> None:
