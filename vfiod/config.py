@@ -14,15 +14,33 @@ from pathlib import Path
 from typing import Any
 
 PERSONALITIES = ("testdev",)
+WINDOW_POLICIES = ("power8", "flat")
+PAGE_SIZES = {"4K": 12, "64K": 16, "2M": 21, "16M": 24, "256M": 28, "16G": 34}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 DEFAULT_TOML = """\
-# vfiod embedded default: one test function, enough to attach a guest and watch it enumerate.
-# socket_dir defaults to /run/vfiod as root, else $XDG_RUNTIME_DIR/vfiod or /tmp/vfiod-$UID.
+# vfiod embedded default: one PHB and one test function, enough to attach a q35 guest and watch
+# it enumerate. socket_dir defaults to /run/vfiod as root, else $XDG_RUNTIME_DIR/vfiod or
+# /tmp/vfiod-$UID.
+
+# Locked memory a client (one QEMU process) may pin through all its functions, like
+# RLIMIT_MEMLOCK; preregistered guest RAM is charged once however many functions map it.
+memlock_limit = "64G"
+
+[[phb]]
+index = 0
+# "flat": one TCE window over the client's whole IOVA space (a q35 guest without a guest IOMMU
+# maps its RAM at guest-physical addresses). "power8": the 32-bit window at 0 and the 64-bit
+# window at 0x0800000000000000, the layout a pseries guest produces.
+window_policy = "flat"
+page_sizes = ["4K", "64K", "2M", "16M"]
 
 [[function]]
 name = "test0"
 personality = "testdev"
+phb = 0
 """
 
 
@@ -36,9 +54,17 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class PhbConfig:
+    index: int
+    window_policy: str = "power8"
+    page_shifts: tuple[int, ...] = (12, 16, 21, 24)
+
+
+@dataclass(frozen=True)
 class FunctionConfig:
     name: str
     personality: str
+    phb: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,8 @@ class Config:
     socket_dir: Path
     functions: list[FunctionConfig] = field(default_factory=list)
     source: str = "<default>"
+    phbs: list[PhbConfig] = field(default_factory=lambda: [PhbConfig(0, "flat")])
+    memlock_limit: int | None = 64 << 30
 
     def socket_path(self, function: FunctionConfig) -> Path:
         return self.socket_dir / f"{function.name}.sock"
@@ -78,7 +106,7 @@ def parse(text: str, source: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
-    known = {"socket_dir", "function"}
+    known = {"socket_dir", "function", "phb", "memlock_limit"}
     for key in sorted(set(doc) - known):
         problems.append(f"{key}: unknown key (known: {', '.join(sorted(known))})")
 
@@ -88,6 +116,21 @@ def parse(text: str, source: str) -> Config:
             socket_dir = Path(doc["socket_dir"])
         else:
             problems.append("socket_dir: must be an absolute path (a string starting with /)")
+
+    memlock_limit: int | None = 64 << 30
+    if "memlock_limit" in doc:
+        raw_limit = doc["memlock_limit"]
+        if raw_limit == "unlimited":
+            memlock_limit = None
+        else:
+            memlock_limit = parse_size(raw_limit)
+            if memlock_limit is None:
+                problems.append(
+                    f"memlock_limit: a size such as \"64G\" or \"unlimited\", got {raw_limit!r}"
+                )
+
+    phbs = _parse_phbs(doc.get("phb"), problems)
+    phb_indexes = {p.index for p in phbs}
 
     functions: list[FunctionConfig] = []
     raw_functions: Any = doc.get("function", [])
@@ -100,8 +143,8 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table")
             continue
-        for key in sorted(set(raw) - {"name", "personality"}):
-            problems.append(f"{where}.{key}: unknown key (known: name, personality)")
+        for key in sorted(set(raw) - {"name", "personality", "phb"}):
+            problems.append(f"{where}.{key}: unknown key (known: name, personality, phb)")
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             problems.append(
@@ -118,9 +161,70 @@ def parse(text: str, source: str) -> Config:
                 f"{where}.personality: {personality!r} is not one of {', '.join(PERSONALITIES)}"
             )
             continue
-        functions.append(FunctionConfig(name=name, personality=personality))
+        phb = raw.get("phb", 0)
+        if not isinstance(phb, int) or isinstance(phb, bool) or phb not in phb_indexes:
+            problems.append(f"{where}.phb: {phb!r} is not the index of a [[phb]]")
+            continue
+        functions.append(FunctionConfig(name=name, personality=personality, phb=phb))
     if not raw_functions and not problems:
         problems.append("function: at least one [[function]] is needed")
     if problems:
         raise ConfigError(source, problems)
-    return Config(socket_dir=socket_dir, functions=functions, source=source)
+    return Config(
+        socket_dir=socket_dir,
+        functions=functions,
+        source=source,
+        phbs=phbs,
+        memlock_limit=memlock_limit,
+    )
+
+
+def parse_size(value: object) -> int | None:
+    """Bytes from an integer or a string such as "64G", "512MiB"; None if it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value.strip())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    return None
+
+
+def _parse_phbs(raw_phbs: Any, problems: list[str]) -> list[PhbConfig]:
+    if raw_phbs is None:
+        return [PhbConfig(0, "flat")]
+    if not isinstance(raw_phbs, list) or not raw_phbs:
+        problems.append("phb: must be a non-empty array of tables ([[phb]])")
+        return [PhbConfig(0, "flat")]
+    phbs: list[PhbConfig] = []
+    for i, raw in enumerate(raw_phbs):
+        where = f"phb[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        for key in sorted(set(raw) - {"index", "window_policy", "page_sizes"}):
+            problems.append(f"{where}.{key}: unknown key (known: index, window_policy, page_sizes)")
+        index = raw.get("index", i)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= 255:
+            problems.append(f"{where}.index: an integer 0..255, got {index!r}")
+            continue
+        if any(p.index == index for p in phbs):
+            problems.append(f"{where}.index: duplicate PHB index {index}")
+            continue
+        policy = raw.get("window_policy", "power8")
+        if policy not in WINDOW_POLICIES:
+            problems.append(
+                f"{where}.window_policy: {policy!r} is not one of {', '.join(WINDOW_POLICIES)}"
+            )
+            continue
+        sizes = raw.get("page_sizes", ["4K", "64K", "2M", "16M"])
+        if not isinstance(sizes, list) or not sizes or any(s not in PAGE_SIZES for s in sizes):
+            problems.append(
+                f"{where}.page_sizes: a list of {', '.join(PAGE_SIZES)}, got {sizes!r}"
+            )
+            continue
+        if "4K" not in sizes:
+            problems.append(f"{where}.page_sizes: must include 4K (vfio-user maps are 4 KiB)")
+            continue
+        phbs.append(PhbConfig(index, policy, tuple(sorted(PAGE_SIZES[s] for s in sizes))))
+    return phbs or [PhbConfig(0, "flat")]

@@ -15,27 +15,21 @@ from pathlib import Path
 
 import trio
 
-from vfiod.config import Config, FunctionConfig
-from vfiod.pci.function import PciFunction
+from vfiod.config import Config
+from vfiod.host import Host
 from vfiod.server.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
 
-def make_function(fc: FunctionConfig) -> PciFunction:
-    if fc.personality == "testdev":
-        from vfiod.devices.testdev import TestDevice
-
-        return TestDevice()
-    raise ValueError(f"unknown personality {fc.personality!r}")
-
-
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.endpoints: list[Endpoint] = [
-            Endpoint(fc.name, config.socket_path(fc), make_function(fc)) for fc in config.functions
-        ]
+        self.host = Host(config)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.host.endpoints
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled."""
@@ -46,8 +40,7 @@ class Daemon:
                     await nursery.start(endpoint.serve)
                 task_status.started(self)
         finally:
-            for endpoint in self.endpoints:
-                endpoint.function.close()
+            self.host.close()
 
     def describe(self) -> list[dict[str, object]]:
         return [

@@ -10,7 +10,9 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -19,6 +21,18 @@ RECV_CHUNK = 256 * 1024
 #: Ancillary room for this many fds per recvmsg. More than any legal message carries, so a
 #: peer that sends too many is seen (and refused) instead of silently truncated.
 RECV_MAX_FDS = 64
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, from the kernel (SO_PEERCRED), not from anything it said."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")
 
 
 class Channel:
@@ -38,6 +52,12 @@ class Channel:
             sock.close()
             raise
         return cls(sock)
+
+    def peer(self) -> Peer:
+        pid, uid, gid = _UCRED.unpack(
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+        return Peer(pid, uid, gid)
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """Receive one chunk and the fds that came with it; ``b""`` means EOF."""

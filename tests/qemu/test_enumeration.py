@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from vfiod import config
+from vfiod.daemon import Daemon
 from vfiod.devices import testdev as td
 from vfiod.qemu import PCI_DUMP, QemuNotProvisioned, guest_image, parse_pci_dump, run_guest
-from vfiod.server.endpoint import Endpoint
+from vfiod.server.pe_dma import PeDma
 
 PCI_CAP_EXP = 0x10
 
@@ -37,13 +39,24 @@ def provisioned() -> None:
 
 @pytest.mark.qemu
 async def test_x86_guest_enumerates_a_vfiod_function(provisioned: None, tmp_path: Path) -> None:
-    ep = Endpoint("vfu0", tmp_path / "vfu0.sock", td.TestDevice())
+    """The default configuration: a test function on a flat-window PHB, DMA through its PE."""
+    cfg = config.load()
+    daemon = Daemon(config.Config(tmp_path, cfg.functions, phbs=cfg.phbs))
+    ep = daemon.endpoints[0]
+    dma_views: list[object] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(ep.serve)
+        await nursery.start(daemon.run)
+
+        async def watch() -> None:  # remember the session's DMA view while QEMU is attached
+            while True:
+                if ep.session is not None and ep.session.dma not in dma_views:
+                    dma_views.append(ep.session.dma)
+                await trio.sleep(0.05)
+
+        nursery.start_soon(watch)
         res = await run_guest("x86_64", PCI_DUMP + MMIO_PROBE, [str(ep.path)], memory_mb=512,
                               timeout=300)
         nursery.cancel_scope.cancel()
-    ep.function.close()
     res.check()
     devices = parse_pci_dump(res)
     ours = [d for d in devices.values() if d.vendor == td.TEST_VENDOR_ID]
@@ -62,3 +75,7 @@ async def test_x86_guest_enumerates_a_vfiod_function(provisioned: None, tmp_path
     assert int(res.markers["id"], 16) == td.ID_VALUE, res.tail()
     assert int(res.markers["scratch"], 16) == 0x5A5A1234, res.tail()
     assert ep.sessions_total == 1
+    # QEMU's DMA_MAPs of guest RAM became TCEs in the function's PE, and none was refused
+    assert any(isinstance(v, PeDma) for v in dma_views)
+    assert ep.errors_total == 0
+    assert not daemon.host.clients  # the client's locked memory was released

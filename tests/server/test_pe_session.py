@@ -17,7 +17,7 @@ from vfiod.pci.function import PciFunction
 from vfiod.server.endpoint import Endpoint
 from vfiod.server.pe_dma import PeDma
 from vfiod.server.session import Session
-from vfiod.transport import Channel
+from vfiod.transport import Channel, Peer
 
 DMA64 = spapr.DMA64_WINDOW_START
 ALL_ONES = b"\xff" * 4
@@ -43,8 +43,12 @@ async def pe_endpoint(tmp_path: Path) -> AsyncIterator[PeEndpoint]:
     pe = phb.new_pe()
     owner = spapr.Client(memlock_limit=64 << 20)
 
-    def session_factory(function: PciFunction, channel: Channel, name: str) -> Session:
-        return Session(function, channel, name, dma_factory=lambda: PeDma(phb, pe, owner))
+    def session_factory(
+        function: PciFunction, channel: Channel, name: str, peer: Peer
+    ) -> Session:
+        return Session(
+            function, channel, name, dma_factory=lambda: PeDma(phb, pe, owner), peer=peer
+        )
 
     ep = Endpoint("pe0", tmp_path / "pe0.sock", TestDevice(), session_factory=session_factory)
     async with trio.open_nursery() as nursery:

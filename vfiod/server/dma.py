@@ -24,12 +24,34 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from vfiod.pci.dma import DmaFault
 
 DMA_READ = 1  #: the device may read this memory (guest -> device)
 DMA_WRITE = 2  #: the device may write this memory (device -> guest)
 _IOVA_LIMIT = 1 << 64
+
+
+class DmaView(Protocol):
+    """What a session needs of a client's DMA state: DmaMapTable (plain) or PeDma (platform)."""
+
+    def map(self, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None: ...
+
+    def unmap(self, iova: int, size: int) -> int: ...
+
+    def unmap_all(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def read(self, iova: int, length: int) -> bytes: ...
+
+    def write(self, iova: int, data: bytes) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    @property
+    def backing_count(self) -> int: ...
 
 
 @dataclass(eq=False)

@@ -17,7 +17,7 @@ import trio
 
 from vfiod.pci.function import PciFunction
 from vfiod.server.session import Session, refuse
-from vfiod.transport import Channel
+from vfiod.transport import Channel, Peer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Endpoint:
         name: str,
         path: Path,
         function: PciFunction,
-        session_factory: Callable[[PciFunction, Channel, str], Session] = Session,
+        session_factory: Callable[[PciFunction, Channel, str, Peer], Session] | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -38,7 +38,9 @@ class Endpoint:
         self.session: Session | None = None
         self.sessions_total = 0
         self.refused_total = 0
-        self._session_factory = session_factory
+        self.messages_total = 0  # of finished sessions
+        self.errors_total = 0
+        self._session_factory = session_factory or _plain_session
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._bind()
@@ -52,7 +54,12 @@ class Endpoint:
                         self.refused_total += 1
                         nursery.start_soon(refuse, channel, self.name)
                         continue
-                    self.session = self._session_factory(self.function, channel, self.name)
+                    try:
+                        peer = channel.peer()
+                    except OSError:
+                        channel.close()  # gone before we could ask who it was
+                        continue
+                    self.session = self._session_factory(self.function, channel, self.name, peer)
                     nursery.start_soon(self._run_session, self.session)
         finally:
             listener.close()
@@ -68,7 +75,14 @@ class Endpoint:
             log.exception("function %s: session failed", self.name)
         finally:
             self.session = None
-            log.info("function %s: client gone", self.name)
+            self.messages_total += session.messages
+            self.errors_total += session.errors
+            log.info(
+                "function %s: client gone after %d messages (%d refused)",
+                self.name,
+                session.messages,
+                session.errors,
+            )
 
     async def _bind(self) -> trio.socket.SocketType:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +95,11 @@ class Endpoint:
             sock.close()
             raise
         return sock
+
+
+def _plain_session(function: PciFunction, channel: Channel, name: str, peer: Peer) -> Session:
+    """A session whose DMA goes straight to the client's RAM files (no platform)."""
+    return Session(function, channel, name, peer=peer)
 
 
 async def _remove_stale_socket(path: Path) -> None:

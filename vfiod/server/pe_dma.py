@@ -217,9 +217,13 @@ class PeDma:
             if (iova | size | offset) & _PAGE_MASK:
                 raise OSError(errno.EINVAL, "iova, size and offset must be 4 KiB aligned")
             if fd is None:
-                raise OSError(
-                    errno.EINVAL, "DMA_MAP without an fd: guest RAM must be shared (memfd)"
-                )
+                # QEMU maps ROM and BIOS blobs without an fd. Nothing of ours can back them, so
+                # they get no TCEs: the map replaces what was there and a device DMA to it
+                # faults (and freezes the PE) like any unmapped IOVA.
+                self._plan(iova, size)
+                self._remove_range(iova, iova + size, clear=True)
+                self.maps_total += 1
+                return
             if len(self._maps) >= self.max_mappings:
                 raise OSError(errno.ENOSPC, f"more than {self.max_mappings} live DMA mappings")
             slot, need = self._plan(iova, size)

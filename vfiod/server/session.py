@@ -62,8 +62,8 @@ from vfiod.protocol import (
     make_region_info_reply,
     server_capabilities,
 )
-from vfiod.server.dma import DmaMapTable
-from vfiod.transport import Channel, close_fds
+from vfiod.server.dma import DmaMapTable, DmaView
+from vfiod.transport import Channel, Peer, close_fds
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +83,37 @@ class Session:
         function: PciFunction,
         channel: Channel,
         name: str,
-        dma_factory: Callable[[], DmaMapTable] = DmaMapTable,
+        dma_factory: Callable[[], DmaView] = DmaMapTable,
+        peer: Peer | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.function = function
         self.channel = channel
         self.name = name
+        self.peer = peer
         self.conn = Connection(
             Role.SERVER, max_data_xfer_size=MAX_DATA_XFER_SIZE, max_msg_fds=MAX_MSG_FDS
         )
-        self.dma = dma_factory()
+        self._dma_factory = dma_factory
+        self._on_closed = on_closed
+        self.dma: DmaView = DmaMapTable()
         self.client_caps: Capabilities | None = None
         self.messages = 0
         self.errors = 0
 
     async def run(self) -> None:
         """Serve this client until it goes away or breaks the stream."""
+        try:
+            self.dma = self._dma_factory()
+        except OSError as exc:
+            # e.g. the client's locked-memory limit cannot even hold the PE's TCE table
+            log.warning("function %s: cannot set up DMA for the client: %s", self.name, exc)
+            try:
+                await refuse(self.channel, self.name, exc.errno or errno.ENOMEM)
+            finally:
+                if self._on_closed is not None:
+                    self._on_closed()
+            return
         self.function.attach_dma(self.dma)
         try:
             async with trio.open_nursery() as nursery:
@@ -115,6 +131,8 @@ class Session:
             self.function.reset()
             self.dma.close()
             self.channel.close()
+            if self._on_closed is not None:
+                self._on_closed()
 
     async def _serve(self) -> None:
         while True:
@@ -296,8 +314,8 @@ def _id(ev: Event) -> int:
     return int(msg_id)
 
 
-async def refuse(channel: Channel, name: str) -> None:
-    """Tell a second client that the function is taken (EBUSY), then close it."""
+async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
+    """Answer a client's VERSION with ``err`` (EBUSY: the function is taken), then close it."""
     conn = Connection(Role.SERVER)
     try:
         with trio.move_on_after(REFUSAL_GRACE):
@@ -318,11 +336,11 @@ async def refuse(channel: Channel, name: str) -> None:
                 if fd is not None:
                     close_fds([fd])
                 if isinstance(event, Version) and event.msg_id is not None:
-                    out = conn.send(ErrorReply(event.msg_id, int(event.command), errno.EBUSY))
+                    out = conn.send(ErrorReply(event.msg_id, int(event.command), err))
                     await channel.send(out.data, out.fds)
                 return
     except OSError:
         pass  # the refused peer vanished; nothing to tell it
     finally:
-        log.warning("function %s: refused a second client (EBUSY)", name)
+        log.warning("function %s: refused a client (%s)", name, errno.errorcode.get(err, err))
         channel.close()
