@@ -1,0 +1,226 @@
+"""A tiny NVMe host driver for tests: guest RAM in a bytearray, queues, command submission."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from vfiod.devices.nvme import Command, NvmeController
+from vfiod.pci import DmaFault
+
+PAGE = 4096
+BASE = 0x100000
+ADMIN_DEPTH = 32
+
+
+class FakeDma:
+    """IOVA space = one bytearray at BASE; ranges in ``holes`` (and anything outside) fault."""
+
+    def __init__(self, size: int = 8 << 20) -> None:
+        self.mem = bytearray(size)
+        self.holes: list[tuple[int, int]] = []
+        self.reads = 0
+        self.writes = 0
+
+    def _range(self, iova: int, n: int, write: bool) -> slice:
+        off = iova - BASE
+        if off < 0 or off + n > len(self.mem):
+            raise DmaFault(iova, n, write, "unmapped")
+        for start, size in self.holes:
+            if iova < start + size and start < iova + n:
+                raise DmaFault(iova, n, write, "hole")
+        return slice(off, off + n)
+
+    def read(self, iova: int, length: int) -> bytes:
+        self.reads += 1
+        return bytes(self.mem[self._range(iova, length, False)])
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.writes += 1
+        self.mem[self._range(iova, len(data), True)] = data
+
+    def peek(self, iova: int, n: int) -> bytes:
+        return bytes(self.mem[iova - BASE : iova - BASE + n])
+
+    def poke(self, iova: int, data: bytes) -> None:
+        self.mem[iova - BASE : iova - BASE + len(data)] = data
+
+
+@dataclass
+class Cqe:
+    dw0: int
+    sqhd: int
+    sqid: int
+    cid: int
+    phase: int
+    status: int  # 15-bit status field
+
+    @property
+    def sc(self) -> int:
+        """(SCT << 8) | SC, without DNR/More/CRD."""
+        return self.status & 0x7FF
+
+    @property
+    def dnr(self) -> bool:
+        return bool(self.status & (1 << 14))
+
+
+@dataclass
+class HostQueue:
+    qid: int
+    sq_base: int
+    cq_base: int
+    depth: int
+    cq_depth: int
+    sq_tail: int = 0
+    cq_head: int = 0
+    phase: int = 1
+
+
+class Host:
+    """Drives an NvmeController through BAR0 region accesses and guest RAM."""
+
+    def __init__(self, ctrl: NvmeController, dma: FakeDma | None = None) -> None:
+        self.ctrl = ctrl
+        self.dma = dma or FakeDma()
+        ctrl.attach_dma(self.dma)
+        ctrl.region_write(7, 0x04, struct.pack("<H", 0x6))  # MEM + bus master
+        self._next = BASE
+        self.queues: dict[int, HostQueue] = {}
+        self.cid = 0
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    def alloc(self, pages: int = 1) -> int:
+        addr = self._next
+        self._next += pages * PAGE
+        assert self._next - BASE <= len(self.dma.mem)
+        return addr
+
+    # ---- registers ----------------------------------------------------------------------------
+
+    def rd(self, off: int, size: int = 4) -> int:
+        return int.from_bytes(self.ctrl.region_read(0, off, size), "little")
+
+    def wr(self, off: int, value: int, size: int = 4) -> None:
+        self.ctrl.region_write(0, off, value.to_bytes(size, "little"))
+
+    def cc(self, *, en: bool = True, shn: int = 0, mps: int = 0) -> int:
+        return int(en) | (mps << 7) | (shn << 14) | (6 << 16) | (4 << 20)
+
+    def enable(self, depth: int = ADMIN_DEPTH) -> None:
+        asq, acq = self.alloc(), self.alloc()
+        self.wr(0x24, (depth - 1) | ((depth - 1) << 16))
+        self.wr(0x28, asq & 0xFFFFFFFF)
+        self.wr(0x2C, asq >> 32)
+        self.wr(0x30, acq, 8)
+        self.wr(0x14, self.cc(en=False))
+        assert self.rd(0x14) == self.cc(en=False)
+        self.wr(0x14, self.cc())
+        assert self.rd(0x1C) & 1, "CSTS.RDY"
+        self.queues = {0: HostQueue(0, asq, acq, depth, depth)}
+
+    # ---- submission ---------------------------------------------------------------------------
+
+    def next_cid(self) -> int:
+        self.cid = (self.cid + 1) & 0xFFFF
+        return self.cid
+
+    def push(self, qid: int, entry: bytes, ring: bool = True) -> None:
+        q = self.queues[qid]
+        self.dma.poke(q.sq_base + q.sq_tail * 64, entry)
+        q.sq_tail = (q.sq_tail + 1) % q.depth
+        if ring:
+            self.ring(qid)
+
+    def ring(self, qid: int) -> None:
+        self.wr(0x1000 + 8 * qid, self.queues[qid].sq_tail)
+
+    def poll(self, qid: int, ack: bool = True) -> Cqe | None:
+        q = self.queues[qid]
+        raw = self.dma.peek(q.cq_base + q.cq_head * 16, 16)
+        dw0, _dw1, sqhd, sqid, cid, st = struct.unpack("<IIHHHH", raw)
+        if st & 1 != q.phase:
+            return None
+        q.cq_head += 1
+        if q.cq_head == q.cq_depth:
+            q.cq_head = 0
+            q.phase ^= 1
+        if ack:
+            self.wr(0x1000 + 8 * qid + 4, q.cq_head)
+        return Cqe(dw0, sqhd, sqid, cid, st & 1, st >> 1)
+
+    def submit(self, qid: int, opcode: int, **fields: int) -> Cqe:
+        cid = fields.pop("cid", None)
+        if cid is None:
+            cid = self.next_cid()
+        self.push(qid, Command.pack(opcode, cid, **fields))
+        cqe = self.poll(qid)
+        assert cqe is not None, "no completion"
+        assert cqe.cid == cid and cqe.sqid == qid
+        return cqe
+
+    def admin(self, opcode: int, **fields: int) -> Cqe:
+        return self.submit(0, opcode, **fields)
+
+    # ---- common commands ----------------------------------------------------------------------
+
+    def identify(self, cns: int, nsid: int = 0) -> tuple[Cqe, bytes]:
+        buf = self.alloc()
+        cqe = self.admin(0x06, nsid=nsid, prp1=buf, cdw10=cns)
+        return cqe, self.dma.peek(buf, 4096)
+
+    def create_io_queue(
+        self, qid: int, depth: int = 64, vector: int | None = None, ien: bool = True
+    ) -> None:
+        pages = (depth * 64 + PAGE - 1) // PAGE
+        cq, sq = self.alloc(pages), self.alloc(pages)
+        vec = qid if vector is None else vector
+        r = self.admin(
+            0x05, prp1=cq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (int(ien) << 1) | (vec << 16)
+        )
+        assert r.sc == 0, hex(r.status)
+        r = self.admin(0x01, prp1=sq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16))
+        assert r.sc == 0, hex(r.status)
+        self.queues[qid] = HostQueue(qid, sq, cq, depth, depth)
+
+    def rw(
+        self,
+        qid: int,
+        write: bool,
+        slba: int,
+        nlb: int,
+        prp1: int,
+        prp2: int = 0,
+        fua: bool = False,
+        nsid: int = 1,
+    ) -> Cqe:
+        cdw12 = (nlb - 1) | (int(fua) << 30)
+        return self.submit(
+            qid,
+            0x01 if write else 0x02,
+            nsid=nsid,
+            prp1=prp1,
+            prp2=prp2,
+            cdw10=slba & 0xFFFFFFFF,
+            cdw11=slba >> 32,
+            cdw12=cdw12,
+        )
+
+    def prp_list(self, pages: list[int], list_addr: int | None = None) -> int:
+        """Write a PRP list (single page) holding ``pages``; returns its address."""
+        addr = self.alloc() if list_addr is None else list_addr
+        self.dma.poke(addr, struct.pack(f"<{len(pages)}Q", *pages))
+        return addr
+
+
+def efd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
