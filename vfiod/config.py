@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PERSONALITIES = ("testdev",)
+PERSONALITIES = ("testdev", "nvme")
 WINDOW_POLICIES = ("power8", "flat")
 PAGE_SIZES = {"4K": 12, "64K": 16, "2M": 21, "16M": 24, "256M": 28, "16G": 34}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -65,6 +65,10 @@ class FunctionConfig:
     name: str
     personality: str
     phb: int = 0
+    #: nvme: the namespace's backing file (created sparse when missing) or block device
+    backing: Path | None = None
+    #: nvme: namespace size in bytes (None: the existing file's or device's size)
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,9 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table")
             continue
-        for key in sorted(set(raw) - {"name", "personality", "phb"}):
-            problems.append(f"{where}.{key}: unknown key (known: name, personality, phb)")
+        known_keys = {"name", "personality", "phb", "backing", "size"}
+        for key in sorted(set(raw) - known_keys):
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             problems.append(
@@ -165,7 +170,36 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(phb, int) or isinstance(phb, bool) or phb not in phb_indexes:
             problems.append(f"{where}.phb: {phb!r} is not the index of a [[phb]]")
             continue
-        functions.append(FunctionConfig(name=name, personality=personality, phb=phb))
+        backing: Path | None = None
+        size: int | None = None
+        if personality == "nvme":
+            raw_backing = raw.get("backing")
+            if not isinstance(raw_backing, str) or not raw_backing.startswith("/"):
+                problems.append(
+                    f"{where}.backing: an nvme function needs an absolute path to its "
+                    f"namespace file or block device, got {raw_backing!r}"
+                )
+                continue
+            backing = Path(raw_backing)
+            if "size" in raw:
+                size = parse_size(raw["size"])
+                if not size or size % 4096:
+                    problems.append(
+                        f"{where}.size: a non-zero multiple of 4 KiB such as \"1G\", "
+                        f"got {raw['size']!r}"
+                    )
+                    continue
+            elif not backing.exists():
+                problems.append(f"{where}.size: {backing} does not exist, so a size is needed")
+                continue
+        else:
+            for key in ("backing", "size"):
+                if key in raw:
+                    problems.append(f"{where}.{key}: only nvme functions have a {key}")
+        functions.append(
+            FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
+                           size=size)
+        )
     if not raw_functions and not problems:
         problems.append("function: at least one [[function]] is needed")
     if problems:

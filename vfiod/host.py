@@ -29,6 +29,11 @@ def make_function(fc: FunctionConfig) -> PciFunction:
         from vfiod.devices.testdev import TestDevice
 
         return TestDevice()
+    if fc.personality == "nvme":
+        from vfiod.devices.nvme import NvmeController
+
+        assert fc.backing is not None
+        return NvmeController(fc.backing, fc.size)
     raise ValueError(f"unknown personality {fc.personality!r}")
 
 
