@@ -104,8 +104,23 @@ fetch_debs() {  # KMETA DEBARCH
     KVER_PKG=$(pkg_version "$KPKG")
     BVER=$(pkg_version busybox-static)
     [[ -n $KVER_PKG && -n $BVER ]] || { log "no candidate for $KPKG or busybox-static"; return 1; }
-    KDEB=$(download "$KPKG" "$KVER_PKG" "$debarch") || return 1
     BDEB=$(download busybox-static "$BVER" "$debarch") || return 1
+    KDEB=$(download "$KPKG" "$KVER_PKG" "$debarch") && return 0
+    # The index can name a kernel whose .deb is not in the pool yet (seen for ppc64el: the
+    # 6.12.117 index entry answered 404 while 6.12.107 was still there). Any recent kernel of
+    # the same flavour serves a test guest: try the others the index lists, newest first.
+    local flavour=${KPKG##*-} candidate
+    for candidate in $(apt-cache search --names-only "^linux-image-[0-9].*-${flavour}\$" \
+            | cut -d' ' -f1 | grep -vx "$KPKG" | sort -rV); do
+        KVER_PKG=$(pkg_version "$candidate")
+        [[ -n $KVER_PKG ]] || continue
+        log "$KPKG is not downloadable; trying $candidate $KVER_PKG"
+        if KDEB=$(download "$candidate" "$KVER_PKG" "$debarch"); then
+            KPKG=$candidate
+            return 0
+        fi
+    done
+    return 1
 }
 
 build_arch() {  # ARCH
