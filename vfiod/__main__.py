@@ -12,6 +12,7 @@ import trio
 from vfiod import __version__
 from vfiod.config import Config, ConfigError, load
 from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
+from vfiod.host import control_socket_path
 
 EPILOG = """\
 Without --config, vfiod serves its embedded default configuration (one test function).
@@ -50,6 +51,7 @@ def announce(daemon: Daemon) -> None:
     print(f"vfiod {__version__}: serving {len(daemon.endpoints)} function(s)", flush=True)
     for ep in daemon.endpoints:
         print(f"  {ep.name}: {ep.path}")
+    print(f"  control: {control_socket_path(daemon.config)}  (vfiodctl --socket ... list)")
     print("Attach a function to a QEMU >= 10.1 guest (shared memfd RAM is required):")
     qemu = _provisioned_qemu()
     for ep in daemon.endpoints:

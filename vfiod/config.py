@@ -69,6 +69,9 @@ class FunctionConfig:
     backing: Path | None = None
     #: nvme: namespace size in bytes (None: the existing file's or device's size)
     size: int | None = None
+    #: SR-IOV: a PF offers this many VFs (0: a plain function); numvfs are enabled at start
+    totalvfs: int = 0
+    numvfs: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table")
             continue
-        known_keys = {"name", "personality", "phb", "backing", "size"}
+        known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs"}
         for key in sorted(set(raw) - known_keys):
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
         name = raw.get("name")
@@ -196,10 +199,25 @@ def parse(text: str, source: str) -> Config:
             for key in ("backing", "size"):
                 if key in raw:
                     problems.append(f"{where}.{key}: only nvme functions have a {key}")
+        totalvfs = raw.get("totalvfs", 0)
+        numvfs = raw.get("numvfs", 0)
+        if not isinstance(totalvfs, int) or isinstance(totalvfs, bool) or not 0 <= totalvfs <= 64:
+            problems.append(f"{where}.totalvfs: an integer 0..64, got {totalvfs!r}")
+            continue
+        if not isinstance(numvfs, int) or isinstance(numvfs, bool) or not 0 <= numvfs <= totalvfs:
+            problems.append(f"{where}.numvfs: an integer 0..totalvfs ({totalvfs}), got {numvfs!r}")
+            continue
         functions.append(
             FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
-                           size=size)
+                           size=size, totalvfs=totalvfs, numvfs=numvfs)
         )
+    names = {f.name for f in functions}
+    for f in functions:
+        for n in range(f.totalvfs):
+            if vf_name(f.name, n) in names:
+                problems.append(f"function {vf_name(f.name, n)!r}: the name of a VF of {f.name}")
+        if f.name == "control":
+            problems.append("function 'control': reserved for the control socket")
     if not raw_functions and not problems:
         problems.append("function: at least one [[function]] is needed")
     if problems:
@@ -211,6 +229,11 @@ def parse(text: str, source: str) -> Config:
         phbs=phbs,
         memlock_limit=memlock_limit,
     )
+
+
+def vf_name(pf: str, n: int) -> str:
+    """VF ``n`` of PF ``pf`` (its socket is ``<name>.sock``)."""
+    return f"{pf}-vf{n}"
 
 
 def parse_size(value: object) -> int | None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import trio
 
 from vfiod.config import Config
-from vfiod.host import Host
+from vfiod.control.server import serve_control
+from vfiod.host import Host, control_socket_path
 from vfiod.server.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,12 @@ class Daemon:
         return self.host.endpoints
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled."""
+        """Serve every function and the control socket until cancelled."""
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            async with trio.open_nursery() as nursery:
-                for endpoint in self.endpoints:
-                    await nursery.start(endpoint.serve)
-                task_status.started(self)
-        finally:
-            self.host.close()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.host.serve)
+            await nursery.start(serve_control, self.host, control_socket_path(self.config))
+            task_status.started(self)
 
     def describe(self) -> list[dict[str, object]]:
         return [

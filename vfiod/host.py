@@ -1,20 +1,35 @@
-"""The emulated host: PHBs, one PE per function, and one locked-memory account per QEMU process.
+"""The emulated host: PHBs, one PE per function, SR-IOV VFs, and one locked-memory account per
+QEMU process. It is also what the control plane talks to (``ControlTarget``).
 
 This is where the vfio-user layer meets the platform. Each function sits in its own PE (its own
 IOMMU group); each client session gets a container holding that group, so its DMA_MAPs become
 TCEs in that PE's windows and every device DMA is translated there (``PeDma``). A QEMU process
 that attaches several functions is one ``spapr.Client`` (one "mm"): its guest RAM is charged
 once against ``memlock_limit`` however many functions map it, as with preregistration.
+
+SR-IOV as on PowerNV: enabling N VFs on a PF allocates a contiguous block of N PEs, one per VF,
+each with its own RID, IOMMU group, container and vfio-user socket; disabling removes them.
+Changing NumVFs while a VF has a client is refused with EBUSY, as the kernel refuses to change
+``sriov_numvfs`` while VFs are bound.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
 
 from vfiod import spapr
-from vfiod.config import Config, FunctionConfig, PhbConfig
+from vfiod.config import Config, FunctionConfig, PhbConfig, vf_name
+from vfiod.control import describe
+from vfiod.control.api import SCHEMA_VERSION, ControlError, parse_pe_ref
+from vfiod.pci.caps import SRIOV_CTRL, SRIOV_CTRL_MSE, SRIOV_CTRL_VFE, SRIOV_NUM_VF, SriovCap
+from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.function import PciFunction
 from vfiod.server.endpoint import Endpoint
 from vfiod.server.pe_dma import PeDma
@@ -22,6 +37,12 @@ from vfiod.server.session import Session
 from vfiod.transport import Channel, Peer
 
 log = logging.getLogger(__name__)
+
+#: Routing-ID layout: PF number k sits alone on bus k+1 as function 0; its VFs follow at
+#: First VF Offset 1, VF Stride 1 (ARI: up to 255 functions on the bus).
+VF_OFFSET = 1
+VF_STRIDE = 1
+VF_DEVICE_IDS = {"testdev": 0x0002, "nvme": 0x0010}
 
 
 def make_function(fc: FunctionConfig) -> PciFunction:
@@ -37,6 +58,15 @@ def make_function(fc: FunctionConfig) -> PciFunction:
     raise ValueError(f"unknown personality {fc.personality!r}")
 
 
+def vf_config(pf: FunctionConfig, n: int) -> FunctionConfig:
+    """VF n of a PF: same personality and PHB; an NVMe VF gets its own namespace file next to
+    the PF's (``<stem>-vf<n><suffix>``), of the PF's size."""
+    backing = None
+    if pf.backing is not None:
+        backing = pf.backing.with_name(f"{pf.backing.stem}-vf{n}{pf.backing.suffix}")
+    return replace(pf, name=vf_name(pf.name, n), backing=backing, totalvfs=0, numvfs=0)
+
+
 @dataclass
 class ClientAccount:
     """One peer process and the sessions it holds open."""
@@ -44,6 +74,8 @@ class ClientAccount:
     peer: Peer
     client: spapr.Client
     sessions: int = 0
+    functions: set[str] = field(default_factory=set)
+    since: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -52,15 +84,30 @@ class HostPhb:
     phb: spapr.Phb
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
-    """A function placed on the host: its PHB, its PE, and its socket."""
+    """A function placed on the host: its PHB, its PE, its RID and its socket."""
 
     config: FunctionConfig
     function: PciFunction
     phb: HostPhb
     pe: spapr.Pe
+    rid: int  # bus << 8 | devfn
+    kind: str  # "function" | "pf" | "vf"
+    pf: Slot | None = None
+    vfs: list[Slot] = field(default_factory=list)
+    sriov: SriovCap | None = None
     endpoint: Endpoint = field(init=False)
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def rid_text(self) -> str:
+        return f"{self.rid >> 8:02x}:{(self.rid >> 3) & 0x1F:02x}.{self.rid & 7}"
 
 
 class Host:
@@ -72,31 +119,170 @@ class Host:
         }
         self.clients: dict[int, ClientAccount] = {}
         self.slots: list[Slot] = []
-        for fc in config.functions:
-            self.add_function(fc)
+        self._nursery: trio.Nursery | None = None
+        self._numvfs_lock = trio.Lock()
+        for bus, fc in enumerate(config.functions, start=1):
+            slot = self._add_slot(fc, rid=bus << 8, kind="pf" if fc.totalvfs else "function")
+            if fc.totalvfs:
+                slot.sriov = self._add_sriov_cap(slot)
+            if fc.numvfs:
+                self._create_vfs(slot, fc.numvfs)
 
-    def add_function(self, fc: FunctionConfig) -> Slot:
+    # -- building ------------------------------------------------------------------------
+
+    def _add_slot(
+        self,
+        fc: FunctionConfig,
+        *,
+        rid: int,
+        kind: str,
+        pf: Slot | None = None,
+        pe: spapr.Pe | None = None,
+    ) -> Slot:
         host_phb = self.phbs[fc.phb]
-        pe = host_phb.phb.new_pe()
-        slot = Slot(fc, make_function(fc), host_phb, pe)
+        pe = pe or host_phb.phb.new_pe()
+        try:
+            function = make_function(fc)
+        except BaseException:
+            host_phb.phb.remove_pe(pe)
+            raise
+        slot = Slot(fc, function, host_phb, pe, rid, kind, pf)
         slot.endpoint = Endpoint(
             fc.name,
             self.config.socket_path(fc),
-            slot.function,
+            function,
             session_factory=self._session_factory(slot),
         )
         self.slots.append(slot)
         return slot
 
+    def _add_sriov_cap(self, slot: Slot) -> SriovCap:
+        """The PF's SR-IOV capability; VF BARs are 64-bit prefetchable, as PowerNV requires."""
+        vf_bars = {}
+        bar0 = slot.function.bars.get(0)
+        if bar0 is not None:
+            vf_bars[0] = BarSpec(bar0.size, BarKind.MEM64, prefetchable=True)
+        return SriovCap.add(
+            slot.function.config,
+            total_vfs=slot.config.totalvfs,
+            vf_device_id=VF_DEVICE_IDS.get(slot.config.personality, 0xFFFF),
+            vf_offset=VF_OFFSET,
+            vf_stride=VF_STRIDE,
+            vf_bars=vf_bars,
+        )
+
+    def _create_vfs(self, pf: Slot, numvfs: int) -> list[Slot]:
+        pes = pf.phb.phb.new_pes(numvfs)
+        vfs: list[Slot] = []
+        try:
+            for n, pe in enumerate(pes):
+                rid = pf.rid + VF_OFFSET + n * VF_STRIDE
+                vfs.append(self._add_slot(vf_config(pf.config, n), rid=rid, kind="vf", pf=pf,
+                                          pe=pe))
+        except BaseException:
+            for vf in vfs:
+                self._drop_slot(vf)
+            for pe in pes[len(vfs) :]:
+                pf.phb.phb.remove_pe(pe)
+            raise
+        pf.vfs = vfs
+        self._set_sriov_registers(pf, numvfs)
+        return vfs
+
+    def _set_sriov_registers(self, pf: Slot, numvfs: int) -> None:
+        assert pf.sriov is not None
+        cfg = pf.function.config
+        cfg.poke(pf.sriov.offset + SRIOV_NUM_VF, 2, numvfs)
+        ctrl = cfg.peek(pf.sriov.offset + SRIOV_CTRL, 2) & ~(SRIOV_CTRL_VFE | SRIOV_CTRL_MSE)
+        if numvfs:
+            ctrl |= SRIOV_CTRL_VFE | SRIOV_CTRL_MSE
+        cfg.poke(pf.sriov.offset + SRIOV_CTRL, 2, ctrl)
+
+    def _drop_slot(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        slot.function.close()
+        try:
+            slot.phb.phb.remove_pe(slot.pe)
+        except OSError as exc:
+            log.error("function %s: PE %d not released: %s", slot.name, slot.pe.number, exc)
+
     @property
     def endpoints(self) -> list[Endpoint]:
         return [slot.endpoint for slot in self.slots]
+
+    def slot(self, name: str) -> Slot:
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        raise ControlError("ENOENT", f"no function named {name!r}")
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every function until cancelled; VFs come and go under this nursery."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for slot in list(self.slots):
+                    await nursery.start(self._serve_slot, slot)
+                task_status.started()
+        finally:
+            self._nursery = None
+            for slot in self.slots:
+                slot.function.close()
+
+    async def _serve_slot(
+        self, slot: Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                slot.scope = scope
+                await slot.endpoint.serve(task_status=task_status)
+        finally:
+            slot.stopped.set()
+
+    async def set_numvfs(self, pf_name: str, numvfs: int) -> dict[str, Any]:
+        async with self._numvfs_lock:
+            pf = self.slot(pf_name)
+            if pf.kind != "pf" or pf.sriov is None:
+                raise ControlError("EINVAL", f"{pf_name} is not an SR-IOV PF")
+            if not 0 <= numvfs <= pf.config.totalvfs:
+                raise ControlError(
+                    "EINVAL", f"{pf_name} offers at most {pf.config.totalvfs} VFs, not {numvfs}"
+                )
+            busy = [vf.name for vf in pf.vfs if vf.endpoint.session is not None]
+            if busy:
+                raise ControlError(
+                    "EBUSY", f"VFs with a client attached: {', '.join(busy)}; detach them first"
+                )
+            old = pf.vfs
+            for vf in old:
+                if vf.scope is not None:
+                    vf.scope.cancel()
+            for vf in old:
+                if vf.scope is not None:
+                    await vf.stopped.wait()
+                self._drop_slot(vf)
+            pf.vfs = []
+            self._set_sriov_registers(pf, 0)
+            try:
+                vfs = self._create_vfs(pf, numvfs) if numvfs else []
+            except OSError as exc:
+                context = f"enabling {numvfs} VFs on {pf_name}"
+                raise ControlError.from_oserror(exc, context) from None
+            if self._nursery is not None:
+                for vf in vfs:
+                    await self._nursery.start(self._serve_slot, vf)
+            log.info("PF %s: %d VFs (was %d)", pf_name, numvfs, len(old))
+            return {"pf": pf_name, "numvfs": numvfs, "vfs": [vf.name for vf in vfs]}
+
+    # -- sessions and clients ------------------------------------------------------------
 
     def _session_factory(
         self, slot: Slot
     ) -> Callable[[PciFunction, Channel, str, Peer], Session]:
         def factory(function: PciFunction, channel: Channel, name: str, peer: Peer) -> Session:
-            account = self._acquire(peer)
+            account = self._acquire(peer, slot.name)
 
             def dma() -> PeDma:
                 return PeDma(slot.phb.phb, slot.pe, account.client, slot.phb.config.window_policy)
@@ -107,12 +293,12 @@ class Host:
                 name,
                 dma_factory=dma,
                 peer=peer,
-                on_closed=lambda: self._release(peer),
+                on_closed=lambda: self._release(peer, slot.name),
             )
 
         return factory
 
-    def _acquire(self, peer: Peer) -> ClientAccount:
+    def _acquire(self, peer: Peer, function: str) -> ClientAccount:
         account = self.clients.get(peer.pid)
         if account is None:
             client = spapr.Client(memlock_limit=self.config.memlock_limit, name=f"pid{peer.pid}")
@@ -120,13 +306,15 @@ class Host:
             self.clients[peer.pid] = account
             log.info("client pid %d uid %d: new locked-memory account", peer.pid, peer.uid)
         account.sessions += 1
+        account.functions.add(function)
         return account
 
-    def _release(self, peer: Peer) -> None:
+    def _release(self, peer: Peer, function: str) -> None:
         account = self.clients.get(peer.pid)
         if account is None:
             return
         account.sessions -= 1
+        account.functions.discard(function)
         if account.sessions <= 0:
             del self.clients[peer.pid]
             log.info(
@@ -138,3 +326,100 @@ class Host:
     def close(self) -> None:
         for slot in self.slots:
             slot.function.close()
+
+    # -- ControlTarget -------------------------------------------------------------------
+
+    def _names_by_pe(self, phb: spapr.Phb) -> dict[int, str]:
+        return {s.pe.number: s.name for s in self.slots if s.phb.phb is phb}
+
+    def _client_of(self, slot: Slot) -> dict[str, Any] | None:
+        session = slot.endpoint.session
+        if session is None or session.peer is None:
+            return None
+        account = self.clients.get(session.peer.pid)
+        since = account.since if account is not None else None
+        return {"pid": session.peer.pid, "uid": session.peer.uid, "connected_since": since}
+
+    def inventory(self) -> dict[str, Any]:
+        phbs = []
+        for host_phb in self.phbs.values():
+            entry = describe.describe_phb(host_phb.phb, self._names_by_pe(host_phb.phb))
+            entry["window_policy"] = host_phb.config.window_policy
+            phbs.append(entry)
+        functions = [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "rid": s.rid_text,
+                "phb": s.phb.phb.index,
+                "pe": s.pe.number,
+                "group": s.pe.group.name,
+                "device": s.config.personality,
+                "socket": str(s.endpoint.path),
+                "client": self._client_of(s),
+                "pf": s.pf.name if s.pf is not None else None,
+                "numvfs": len(s.vfs) if s.kind == "pf" else None,
+                "totalvfs": s.config.totalvfs if s.kind == "pf" else None,
+            }
+            for s in self.slots
+        ]
+        clients = [
+            {"pid": a.peer.pid, "uid": a.peer.uid, "functions": sorted(a.functions)}
+            for a in self.clients.values()
+        ]
+        return {"version": SCHEMA_VERSION, "phbs": phbs, "functions": functions,
+                "clients": clients}
+
+    def _find_phb(self, index: int) -> spapr.Phb:
+        host_phb = self.phbs.get(index)
+        if host_phb is None:
+            raise ControlError("ENOENT", f"no PHB {index}")
+        return host_phb.phb
+
+    def pe_info(self, phb: int, pe: int) -> dict[str, Any]:
+        the_phb = self._find_phb(phb)
+        found = describe.find_pe([the_phb], phb, pe)
+        return describe.pe_info(found, self._names_by_pe(the_phb).get(pe))
+
+    def eeh(self, target: str, op: str, **args: int) -> dict[str, Any]:
+        ref = parse_pe_ref(target)
+        if ref is not None:
+            the_phb = self._find_phb(ref[0])
+            pe = describe.find_pe([the_phb], *ref)
+            function = self._names_by_pe(the_phb).get(pe.number)
+        else:
+            slot = self.slot(target)
+            pe, function = slot.pe, slot.name
+        return describe.run_eeh_op(pe, op, target=target, function=function, **args)
+
+    def memlock(self) -> list[dict[str, Any]]:
+        return [
+            describe.describe_memlock(
+                a.client, pid=a.peer.pid, uid=a.peer.uid, functions=a.functions
+            )
+            for a in self.clients.values()
+        ]
+
+    def metrics(self) -> str:
+        lines = [
+            "# HELP vfiod_function_sessions_total Client sessions served.",
+            "# TYPE vfiod_function_sessions_total counter",
+        ]
+        for s in self.slots:
+            lines.append(f'vfiod_function_sessions_total{{function="{s.name}"}} '
+                         f"{s.endpoint.sessions_total}")
+        lines += [
+            "# HELP vfiod_client_locked_bytes Locked memory charged to a client process.",
+            "# TYPE vfiod_client_locked_bytes gauge",
+        ]
+        for a in self.clients.values():
+            lines.append(f'vfiod_client_locked_bytes{{pid="{a.peer.pid}"}} '
+                         f"{a.client.locked_bytes}")
+        return "\n".join(lines) + "\n"
+
+
+def control_socket_path(config: Config) -> Path:
+    return config.socket_dir / "control.sock"
+
+
+__all__ = ["Host", "Slot", "control_socket_path", "make_function"]

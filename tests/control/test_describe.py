@@ -52,12 +52,12 @@ def test_phb_summary() -> None:
     phb = make_phb()
     phb.new_pes(3)
     d = describe.describe_phb(phb, {1: "vf0"})
-    assert d["window_policy"] == "kvm-strict"
+    assert d["hcall_mode"] == "kvm-strict"
     assert d["page_sizes"] == [4096, 65536, 2 << 20, 16 << 20]
     assert [p["pe"] for p in d["pes"]] == [0, 1, 2]
     assert [p["function"] for p in d["pes"]] == [None, "vf0", None]
     assert d["pes"][1]["liobns"] == [0x8001_0000]
-    assert describe.describe_phb(spapr.Phb(1, qemu_compat=True), {})["window_policy"] == (
+    assert describe.describe_phb(spapr.Phb(1, qemu_compat=True), {})["hcall_mode"] == (
         "qemu-compat"
     )
 

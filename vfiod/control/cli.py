@@ -105,7 +105,7 @@ def render_inventory(inv: dict[str, Any], out: TextIO) -> None:
     for phb in phbs:
         pages = " ".join(fmt_bytes(p) for p in phb.get("page_sizes", []))
         out.write(
-            f"PHB {phb.get('index')} ({phb.get('model', 'phb')}, {phb.get('window_policy')}, "
+            f"PHB {phb.get('index')} ({phb.get('model', 'phb')}, {phb.get('hcall_mode')}, "
             f"pages {pages or '-'})\n"
         )
         pes = phb.get("pes", [])

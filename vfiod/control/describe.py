@@ -39,7 +39,7 @@ EEH_OP_CODES: dict[str, tuple[int, ...]] = {
 assert set(EEH_OP_CODES) == set(EEH_OPS)
 
 
-def window_policy(phb: spapr.Phb) -> str:
+def hcall_mode(phb: spapr.Phb) -> str:
     """How the PHB's hypercalls treat sloppy callers: ``kvm-strict`` or ``qemu-compat``."""
     return "qemu-compat" if phb.qemu_compat else "kvm-strict"
 
@@ -100,7 +100,7 @@ def describe_phb(phb: spapr.Phb, functions: Mapping[int, str]) -> dict[str, Any]
     return {
         "index": phb.index,
         "model": phb.model,
-        "window_policy": window_policy(phb),
+        "hcall_mode": hcall_mode(phb),
         "page_sizes": [1 << s for s in phb.page_shifts],
         "dma32": {"start": phb.dma32_start, "size": phb.dma32_size},
         "dma64_start": phb.dma64_start,
@@ -245,5 +245,5 @@ __all__ = [
     "pe_info",
     "run_eeh_op",
     "tces_in_use",
-    "window_policy",
+    "hcall_mode",
 ]
