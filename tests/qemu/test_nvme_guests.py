@@ -1,8 +1,8 @@
 """Real Linux guests drive vfiod NVMe functions through vfio-user and the PE translation.
 
-Two x86_64 guests run at the same time, each attached to its own function of one daemon; each
+Two x86_64 guests run at the same time, each attached to its own VF of one NVMe PF; each
 writes its own pattern with direct I/O and reads it back; then every function's backing file
-must hold exactly its own guest's bytes (isolation, byte for byte).
+must hold exactly its own guest's bytes (isolation, byte for byte) and the PF's stays empty.
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ def provisioned() -> None:
         pytest.fail(str(exc), pytrace=False)
 
 
-def nvme_config(tmp_path: Path, names: list[str]) -> config.Config:
-    text = '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
-    for name in names:
-        text += (
-            f'[[function]]\nname = "{name}"\npersonality = "nvme"\n'
-            f'backing = "{tmp_path / (name + ".img")}"\nsize = "{NS_SIZE}"\n'
-        )
+def nvme_config(tmp_path: Path, numvfs: int) -> config.Config:
+    """One NVMe PF whose VFs each get their own namespace file (``pf-vf<n>.img``)."""
+    text = (
+        '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
+        f'[[function]]\nname = "nvme0"\npersonality = "nvme"\n'
+        f'backing = "{tmp_path / "pf.img"}"\nsize = "{NS_SIZE}"\n'
+        f"totalvfs = 4\nnumvfs = {numvfs}\n"
+    )
     parsed = config.parse(text, "test")
     return config.Config(tmp_path, parsed.functions, phbs=parsed.phbs)
 
@@ -58,10 +59,11 @@ def check_guest(res: GuestResult, pattern: bytes) -> None:
 
 
 @pytest.mark.qemu
-async def test_two_x86_guests_each_on_its_own_function(provisioned: None, tmp_path: Path) -> None:
-    names = ["nvme-a", "nvme-b"]
-    daemon = Daemon(nvme_config(tmp_path, names))
-    patterns = {name: os.urandom(PATTERN_BYTES) for name in names}
+async def test_two_x86_guests_each_on_its_own_vf(provisioned: None, tmp_path: Path) -> None:
+    daemon = Daemon(nvme_config(tmp_path, numvfs=2))
+    vfs = [slot for slot in daemon.host.slots if slot.kind == "vf"]
+    assert [vf.name for vf in vfs] == ["nvme0-vf0", "nvme0-vf1"]
+    patterns = {vf.name: os.urandom(PATTERN_BYTES) for vf in vfs}
     results: dict[str, GuestResult] = {}
 
     async def guest(name: str, socket: Path) -> None:
@@ -73,16 +75,17 @@ async def test_two_x86_guests_each_on_its_own_function(provisioned: None, tmp_pa
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         async with trio.open_nursery() as guests:
-            for ep in daemon.endpoints:
-                guests.start_soon(guest, ep.name, ep.path)
+            for vf in vfs:
+                guests.start_soon(guest, vf.name, vf.endpoint.path)
         nursery.cancel_scope.cancel()
 
-    for name in names:
-        check_guest(results[name], patterns[name])
-        data = (tmp_path / f"{name}.img").read_bytes()
+    for n, vf in enumerate(vfs):
+        check_guest(results[vf.name], patterns[vf.name])
+        data = (tmp_path / f"pf-vf{n}.img").read_bytes()
         assert len(data) == NS_SIZE
-        assert data[:PATTERN_BYTES] == patterns[name], f"{name}: backing file differs"
-        assert data[PATTERN_BYTES:].count(0) == NS_SIZE - PATTERN_BYTES, f"{name}: stray writes"
-    for ep in daemon.endpoints:
-        assert ep.sessions_total == 1 and ep.errors_total == 0
+        assert data[:PATTERN_BYTES] == patterns[vf.name], f"{vf.name}: backing file differs"
+        assert data[PATTERN_BYTES:].count(0) == NS_SIZE - PATTERN_BYTES, f"{vf.name}: stray writes"
+        assert vf.endpoint.sessions_total == 1 and vf.endpoint.errors_total == 0
+    # the PF's own namespace was never touched
+    assert (tmp_path / "pf.img").read_bytes().count(0) == NS_SIZE
     assert not daemon.host.clients
