@@ -137,3 +137,33 @@ def test_help_describes_the_command_line() -> None:
     assert out.returncode == 0
     for option in ["--config", "--check-config", "--socket-dir", "--log-level"]:
         assert option in out.stdout
+
+
+async def test_example_config_serves_pfs_and_vfs(tmp_path: Path) -> None:
+    """examples/nvme-sriov.toml as shipped, with only the socket directory moved."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "examples" / "nvme-sriov.toml").read_text()
+    cfg = tmp_path / "example.toml"
+    cfg.write_text(text.replace("/var/tmp/vfiod-example", str(tmp_path / "ns")))
+    proc = await start_daemon("--config", str(cfg), "--socket-dir", str(tmp_path))
+    try:
+        for name in ["nvme0", "nvme0-vf3", "nvme1-vf0", "control"]:
+            await wait_for(tmp_path / f"{name}.sock")
+        out = await trio.run_process(
+            [sys.executable, "-m", "vfiod.control.cli", "--socket",
+             str(tmp_path / "control.sock"), "--json", "list"],
+            capture_stdout=True,
+        )
+        import json
+
+        inv = json.loads(out.stdout)
+        assert {p["index"]: p["window_policy"] for p in inv["phbs"]} == {0: "flat", 1: "power8"}
+        assert sum(f["kind"] == "vf" for f in inv["functions"]) == 5
+        async with client.connect(tmp_path / "nvme0-vf2.sock") as dev:
+            assert from_little(await dev.config_read(0x0A, 2)) == 0x0108  # NVMe class
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await proc.wait()
+    assert proc.returncode == 0
+    assert list(tmp_path.glob("*.sock")) == []

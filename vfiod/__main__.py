@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import trio
 
 from vfiod import __version__
-from vfiod.config import Config, ConfigError, load
+from vfiod.config import ConfigError, load
 from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
 from vfiod.host import control_socket_path
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print("vfiod: refusing to start on a bad configuration", file=sys.stderr)
         return 1
     if args.socket_dir:
-        config = Config(Path(args.socket_dir), config.functions, config.source)
+        config = dataclasses.replace(config, socket_dir=Path(args.socket_dir))
     try:
         trio.run(serve_until_signalled, config, announce)
     except OSError as exc:

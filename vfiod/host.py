@@ -54,7 +54,13 @@ def make_function(fc: FunctionConfig) -> PciFunction:
         from vfiod.devices.nvme import NvmeController
 
         assert fc.backing is not None
-        return NvmeController(fc.backing, fc.size)
+        if not fc.backing.exists():
+            fc.backing.parent.mkdir(parents=True, exist_ok=True)  # a new sparse namespace
+        try:
+            return NvmeController(fc.backing, fc.size)
+        except OSError as exc:
+            raise OSError(exc.errno, f"function {fc.name}: namespace {fc.backing}: "
+                                     f"{exc.strerror}") from None
     raise ValueError(f"unknown personality {fc.personality!r}")
 
 
