@@ -6,12 +6,16 @@ operator fixes a config in one pass; the daemon refuses to start on any of them.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vfiod.sockets import SocketAccess
 
 PERSONALITIES = ("testdev", "nvme")
 WINDOW_POLICIES = ("power8", "flat")
@@ -72,6 +76,9 @@ class FunctionConfig:
     #: SR-IOV: a PF offers this many VFs (0: a plain function); numvfs are enabled at start
     totalvfs: int = 0
     numvfs: int = 0
+    access: SocketAccess = SocketAccess()
+    #: a PF's per-VF socket access (VF n uses entry n; missing entries inherit the PF's)
+    vf_access: tuple[SocketAccess, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,8 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table")
             continue
-        known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs"}
+        known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
+                      "vf_access", *ACCESS_KEYS}
         for key in sorted(set(raw) - known_keys):
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
         name = raw.get("name")
@@ -207,9 +215,24 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(numvfs, int) or isinstance(numvfs, bool) or not 0 <= numvfs <= totalvfs:
             problems.append(f"{where}.numvfs: an integer 0..totalvfs ({totalvfs}), got {numvfs!r}")
             continue
+        access = _parse_access(raw, where, problems)
+        vf_access: list[SocketAccess] = []
+        raw_vf_access = raw.get("vf_access", [])
+        if not isinstance(raw_vf_access, list) or len(raw_vf_access) > totalvfs:
+            problems.append(f"{where}.vf_access: an array of at most totalvfs tables")
+            raw_vf_access = []
+        for n, entry in enumerate(raw_vf_access):
+            if not isinstance(entry, dict) or set(entry) - ACCESS_KEYS:
+                problems.append(
+                    f"{where}.vf_access[{n}]: a table of {', '.join(sorted(ACCESS_KEYS))}"
+                )
+                continue
+            vf_access.append(_parse_access({**_access_fields(raw), **entry},
+                                           f"{where}.vf_access[{n}]", problems))
         functions.append(
             FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
-                           size=size, totalvfs=totalvfs, numvfs=numvfs)
+                           size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
+                           vf_access=tuple(vf_access))
         )
     names = {f.name for f in functions}
     for f in functions:
@@ -229,6 +252,69 @@ def parse(text: str, source: str) -> Config:
         phbs=phbs,
         memlock_limit=memlock_limit,
     )
+
+
+ACCESS_KEYS = frozenset({"socket_mode", "socket_owner", "socket_group", "allowed_uids"})
+
+
+def _access_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k in ACCESS_KEYS}
+
+
+def _user_id(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            return None
+    return None
+
+
+def _group_id(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            return None
+    return None
+
+
+def _parse_access(raw: dict[str, Any], where: str, problems: list[str]) -> SocketAccess:
+    """socket_mode ("0660"), socket_owner / socket_group (name or id), allowed_uids."""
+    mode, uid, gid, allowed = 0o600, -1, -1, None
+    if "socket_mode" in raw:
+        value = raw["socket_mode"]
+        try:
+            mode = int(value, 8) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            mode = -1
+        if not 0 <= mode <= 0o777 or isinstance(value, bool):
+            problems.append(f'{where}.socket_mode: octal permissions such as "0660", got {value!r}')
+            mode = 0o600
+    if "socket_owner" in raw:
+        found = _user_id(raw["socket_owner"])
+        if found is None:
+            problems.append(f"{where}.socket_owner: no such user {raw['socket_owner']!r}")
+        else:
+            uid = found
+    if "socket_group" in raw:
+        found = _group_id(raw["socket_group"])
+        if found is None:
+            problems.append(f"{where}.socket_group: no such group {raw['socket_group']!r}")
+        else:
+            gid = found
+    if "allowed_uids" in raw:
+        value = raw["allowed_uids"]
+        ids = [_user_id(v) for v in value] if isinstance(value, list) else [None]
+        if any(i is None for i in ids):
+            problems.append(f"{where}.allowed_uids: a list of user names or uids, got {value!r}")
+        else:
+            allowed = frozenset(i for i in ids if i is not None)
+    return SocketAccess(mode=mode, uid=uid, gid=gid, allowed_uids=allowed)
 
 
 def vf_name(pf: str, n: int) -> str:

@@ -70,7 +70,9 @@ def vf_config(pf: FunctionConfig, n: int) -> FunctionConfig:
     backing = None
     if pf.backing is not None:
         backing = pf.backing.with_name(f"{pf.backing.stem}-vf{n}{pf.backing.suffix}")
-    return replace(pf, name=vf_name(pf.name, n), backing=backing, totalvfs=0, numvfs=0)
+    access = pf.vf_access[n] if n < len(pf.vf_access) else pf.access
+    return replace(pf, name=vf_name(pf.name, n), backing=backing, totalvfs=0, numvfs=0,
+                   access=access, vf_access=())
 
 
 @dataclass
@@ -158,6 +160,7 @@ class Host:
             self.config.socket_path(fc),
             function,
             session_factory=self._session_factory(slot),
+            access=fc.access,
         )
         self.slots.append(slot)
         return slot

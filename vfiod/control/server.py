@@ -13,7 +13,6 @@ protocol errors close only that connection, and an exception escaping the target
 
 from __future__ import annotations
 
-import errno
 import inspect
 import logging
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from vfiod.sockets import bind_listener, unlink_if_ours
 
 from .api import ControlError, ControlTarget
 from .wire import (
@@ -154,33 +155,11 @@ class ControlServer:
     # -- socket file --
 
     async def _bind(self) -> trio.socket.SocketType:
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await _check_not_served(path)
-        # Bind under a temporary name, set the mode, then rename into place: the socket is
-        # never reachable at ``path`` with the umask's permissions.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        _unlink_quietly(tmp)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(os.fspath(tmp))
-            os.chmod(tmp, self.mode)
-            os.replace(tmp, path)
-            self._ino = path.stat().st_ino
-            sock.listen(16)
-        except BaseException:
-            sock.close()
-            _unlink_quietly(tmp)
-            raise
+        sock, self._ino = await bind_listener(self.path, mode=self.mode)
         return sock
 
     def _unlink_own(self) -> None:
-        """Remove the socket file, unless another daemon has replaced it since."""
-        try:
-            if self._ino is not None and self.path.stat().st_ino == self._ino:
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.path, self._ino)
 
     # -- connections --
 
@@ -295,24 +274,3 @@ async def serve_control(
     await server.serve(task_status=task_status)
 
 
-async def _check_not_served(path: Path) -> None:
-    """Refuse to take over a path that is not a socket, or a socket a live process serves."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_socket():
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await probe.connect(os.fspath(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return  # stale: replaced by the rename in _bind
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is served by another process")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import trio
 
 from vfiod.pci.function import PciFunction
 from vfiod.server.session import Session, refuse
+from vfiod.sockets import SocketAccess, bind_listener, unlink_if_ours
 from vfiod.transport import Channel, Peer
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,7 @@ class Endpoint:
         path: Path,
         function: PciFunction,
         session_factory: Callable[[PciFunction, Channel, str, Peer], Session] | None = None,
+        access: SocketAccess | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -41,6 +41,8 @@ class Endpoint:
         self.messages_total = 0  # of finished sessions
         self.errors_total = 0
         self._session_factory = session_factory or _plain_session
+        self.access = access or SocketAccess()
+        self._ino: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._bind()
@@ -59,11 +61,19 @@ class Endpoint:
                     except OSError:
                         channel.close()  # gone before we could ask who it was
                         continue
+                    if not self.access.admits(peer.uid):
+                        self.refused_total += 1
+                        log.warning(
+                            "function %s: refused pid %d uid %d (not in allowed_uids)",
+                            self.name, peer.pid, peer.uid,
+                        )
+                        nursery.start_soon(refuse, channel, self.name, errno.EPERM)
+                        continue
                     self.session = self._session_factory(self.function, channel, self.name, peer)
                     nursery.start_soon(self._run_session, self.session)
         finally:
             listener.close()
-            _unlink_quietly(self.path)
+            unlink_if_ours(self.path, self._ino)
 
     async def _run_session(self, session: Session) -> None:
         self.sessions_total += 1
@@ -85,44 +95,12 @@ class Endpoint:
             )
 
     async def _bind(self) -> trio.socket.SocketType:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        await _remove_stale_socket(self.path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(os.fspath(self.path))
-            sock.listen(8)
-        except BaseException:
-            sock.close()
-            raise
+        sock, self._ino = await bind_listener(
+            self.path, mode=self.access.mode, uid=self.access.uid, gid=self.access.gid
+        )
         return sock
 
 
 def _plain_session(function: PciFunction, channel: Channel, name: str, peer: Peer) -> Session:
     """A session whose DMA goes straight to the client's RAM files (no platform)."""
     return Session(function, channel, name, peer=peer)
-
-
-async def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a dead daemon; refuse to steal a live one."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_socket():
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await probe.connect(os.fspath(path))
-    except ConnectionRefusedError:
-        path.unlink()
-        return
-    except FileNotFoundError:
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is served by another process")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
