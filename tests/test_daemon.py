@@ -15,7 +15,12 @@ from vfiod.client import from_little
 from vfiod.devices import testdev as td
 
 
-async def start_daemon(*args: str) -> trio.Process:
+async def start_daemon(*args: str, state: Path | None = None) -> trio.Process:
+    """The daemon as a process; its state directory is the test's, never the machine's."""
+    if "--state-dir" not in args:
+        socket_dir = Path(args[args.index("--socket-dir") + 1]) if "--socket-dir" in args else None
+        state = state or (socket_dir / "state" if socket_dir else Path("/nonexistent"))
+        args = (*args, "--state-dir", str(state))
     return await trio.lowlevel.open_process(
         [sys.executable, "-m", "vfiod", *args],
         stdout=subprocess.PIPE,
@@ -23,7 +28,7 @@ async def start_daemon(*args: str) -> trio.Process:
     )
 
 
-async def wait_for(path: Path, timeout: float = 15) -> None:
+async def wait_for(path: Path, timeout: float = 60) -> None:
     with trio.fail_after(timeout):
         while not path.exists():
             await trio.sleep(0.02)
@@ -58,7 +63,7 @@ async def test_refuses_to_steal_a_live_socket(tmp_path: Path) -> None:
     try:
         await wait_for(tmp_path / "test0.sock")
         second = await start_daemon("--socket-dir", str(tmp_path))
-        with trio.fail_after(15):
+        with trio.fail_after(60):
             await second.wait()
         assert second.returncode == 1
         async with client.connect(tmp_path / "test0.sock") as dev:  # the first is untouched
@@ -77,7 +82,7 @@ async def test_stale_socket_of_a_dead_daemon_is_replaced(tmp_path: Path) -> None
     assert (tmp_path / "test0.sock").exists()
     proc = await start_daemon("--socket-dir", str(tmp_path))
     try:
-        with trio.fail_after(15):
+        with trio.fail_after(60):
             while True:
                 try:
                     async with client.connect(tmp_path / "test0.sock") as dev:
@@ -167,3 +172,40 @@ async def test_example_config_serves_pfs_and_vfs(tmp_path: Path) -> None:
             await proc.wait()
     assert proc.returncode == 0
     assert list(tmp_path.glob("*.sock")) == []
+
+
+async def test_numvfs_survive_a_crash(tmp_path: Path) -> None:
+    cfg = tmp_path / "pf.toml"
+    cfg.write_text('[[function]]\nname = "pf0"\npersonality = "testdev"\ntotalvfs = 4\n')
+    state = tmp_path / "state"
+    args = ("--config", str(cfg), "--socket-dir", str(tmp_path), "--state-dir", str(state))
+    proc = await start_daemon(*args)
+    try:
+        await wait_for(tmp_path / "control.sock")
+        out = await trio.run_process(
+            [sys.executable, "-m", "vfiod.control.cli", "--socket", str(tmp_path / "control.sock"),
+             "set-numvfs", "pf0", "3"],
+            capture_stdout=True,
+        )
+        assert out.returncode == 0
+        assert (state / "layout.json").exists()
+    finally:
+        proc.kill()  # a crash: no clean shutdown
+        await proc.wait()
+    proc = await start_daemon(*args)
+    try:
+        with trio.fail_after(60):
+            while True:  # the dead daemon's socket files are still there until replaced
+                try:
+                    async with client.connect(tmp_path / "pf0-vf2.sock") as dev:
+                        assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        for n in range(3):
+            assert (tmp_path / f"pf0-vf{n}.sock").is_socket()
+        assert not (tmp_path / "pf0-vf3.sock").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await proc.wait()

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--socket-dir", metavar="DIR", help="override the socket directory")
     p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="override where run-time changes (numvfs) persist across restarts",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.socket_dir:
         config = dataclasses.replace(config, socket_dir=Path(args.socket_dir))
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=Path(args.state_dir))
     try:
         trio.run(serve_until_signalled, config, announce)
     except OSError as exc:

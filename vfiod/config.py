@@ -88,6 +88,8 @@ class Config:
     source: str = "<default>"
     phbs: list[PhbConfig] = field(default_factory=lambda: [PhbConfig(0, "flat")])
     memlock_limit: int | None = 64 << 30
+    #: where run-time changes (numvfs) persist across restarts; None: nothing persists
+    state_dir: Path | None = None
 
     def socket_path(self, function: FunctionConfig) -> Path:
         return self.socket_dir / f"{function.name}.sock"
@@ -100,6 +102,13 @@ def default_socket_dir() -> Path:
     if runtime:
         return Path(runtime) / "vfiod"
     return Path(f"/tmp/vfiod-{os.getuid()}")
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/vfiod")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "vfiod"
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -120,7 +129,7 @@ def parse(text: str, source: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
-    known = {"socket_dir", "function", "phb", "memlock_limit"}
+    known = {"socket_dir", "state_dir", "function", "phb", "memlock_limit"}
     for key in sorted(set(doc) - known):
         problems.append(f"{key}: unknown key (known: {', '.join(sorted(known))})")
 
@@ -130,6 +139,13 @@ def parse(text: str, source: str) -> Config:
             socket_dir = Path(doc["socket_dir"])
         else:
             problems.append("socket_dir: must be an absolute path (a string starting with /)")
+
+    state_dir = default_state_dir()
+    if "state_dir" in doc:
+        if isinstance(doc["state_dir"], str) and doc["state_dir"].startswith("/"):
+            state_dir = Path(doc["state_dir"])
+        else:
+            problems.append("state_dir: must be an absolute path (a string starting with /)")
 
     memlock_limit: int | None = 64 << 30
     if "memlock_limit" in doc:
@@ -251,6 +267,7 @@ def parse(text: str, source: str) -> Config:
         source=source,
         phbs=phbs,
         memlock_limit=memlock_limit,
+        state_dir=state_dir,
     )
 
 

@@ -28,6 +28,7 @@ from vfiod import spapr
 from vfiod.config import Config, FunctionConfig, PhbConfig, vf_name
 from vfiod.control import describe
 from vfiod.control.api import SCHEMA_VERSION, ControlError, parse_pe_ref
+from vfiod.layout import load_numvfs, save_numvfs
 from vfiod.pci.caps import SRIOV_CTRL, SRIOV_CTRL_MSE, SRIOV_CTRL_VFE, SRIOV_NUM_VF, SriovCap
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.function import PciFunction
@@ -129,12 +130,18 @@ class Host:
         self.slots: list[Slot] = []
         self._nursery: trio.Nursery | None = None
         self._numvfs_lock = trio.Lock()
+        persisted = load_numvfs(config.state_dir)
         for bus, fc in enumerate(config.functions, start=1):
             slot = self._add_slot(fc, rid=bus << 8, kind="pf" if fc.totalvfs else "function")
             if fc.totalvfs:
                 slot.sriov = self._add_sriov_cap(slot)
-            if fc.numvfs:
-                self._create_vfs(slot, fc.numvfs)
+            numvfs = persisted.get(fc.name, fc.numvfs)
+            if numvfs > fc.totalvfs:
+                log.warning("PF %s: %d VFs persisted but totalvfs is now %d; using %d",
+                            fc.name, numvfs, fc.totalvfs, fc.totalvfs)
+                numvfs = fc.totalvfs
+            if numvfs:
+                self._create_vfs(slot, numvfs)
 
     # -- building ------------------------------------------------------------------------
 
@@ -282,8 +289,12 @@ class Host:
             if self._nursery is not None:
                 for vf in vfs:
                     await self._nursery.start(self._serve_slot, vf)
+            save_numvfs(self.config.state_dir, self._numvfs_layout())
             log.info("PF %s: %d VFs (was %d)", pf_name, numvfs, len(old))
             return {"pf": pf_name, "numvfs": numvfs, "vfs": [vf.name for vf in vfs]}
+
+    def _numvfs_layout(self) -> dict[str, int]:
+        return {s.name: len(s.vfs) for s in self.slots if s.kind == "pf"}
 
     # -- sessions and clients ------------------------------------------------------------
 
