@@ -209,3 +209,59 @@ async def test_numvfs_survive_a_crash(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             await proc.wait()
+
+
+async def test_sighup_reload_keeps_attached_clients(tmp_path: Path) -> None:
+    cfg = tmp_path / "vfiod.toml"
+    fn = '[[function]]\nname = "{}"\npersonality = "testdev"\n'
+    cfg.write_text(fn.format("a") + fn.format("b"))
+    notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    await notify.bind(str(tmp_path / "notify"))
+    import os as _os
+
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "vfiod", "--config", str(cfg), "--socket-dir", str(tmp_path),
+         "--state-dir", str(tmp_path / "state")],
+        env={**_os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stdout=subprocess.DEVNULL,
+    )
+
+    async def notification() -> str:
+        with trio.fail_after(60):
+            return (await notify.recv(4096)).decode()
+
+    try:
+        assert "READY=1" in await notification()
+        async with client.connect(tmp_path / "a.sock") as dev:
+            await dev.region_write(td.REGS_BAR, td.REG_SCRATCH, (0x1234).to_bytes(4, "little"))
+            # a: changed while attached (kept); b: removed; c: added with its own socket mode
+            cfg.write_text(
+                '[[function]]\nname = "a"\npersonality = "nvme"\n'
+                f'backing = "{tmp_path / "a.img"}"\nsize = "1M"\n'
+                + fn.format("c") + 'socket_mode = "0640"\n'
+            )
+            proc.send_signal(signal.SIGHUP)
+            reloading = await notification()
+            assert "RELOADING=1" in reloading and "MONOTONIC_USEC=" in reloading
+            assert "READY=1" in await notification()
+            assert (tmp_path / "c.sock").is_socket() and not (tmp_path / "b.sock").exists()
+            assert (tmp_path / "c.sock").stat().st_mode & 0o777 == 0o640
+            scratch = await dev.region_read(td.REGS_BAR, td.REG_SCRATCH, 4)
+            assert from_little(scratch) == 0x1234  # the attached client never noticed
+            # a bad configuration on reload changes nothing
+            cfg.write_text("[[function]]\nname = 'bad name'\n")
+            proc.send_signal(signal.SIGHUP)
+            assert "RELOADING=1" in await notification()
+            assert "READY=1" in await notification()
+            assert (tmp_path / "c.sock").is_socket()
+            assert from_little(await dev.region_read(td.REGS_BAR, td.REG_SCRATCH, 4)) == 0x1234
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in await notification()
+        with trio.fail_after(60):
+            await proc.wait()
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        notify.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from vfiod import __version__
-from vfiod.config import ConfigError, load
+from vfiod.config import Config, ConfigError, load
 from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
 from vfiod.host import control_socket_path
 
@@ -21,6 +21,8 @@ Each function gets its own vfio-user socket; attach it to a QEMU >= 10.1 guest w
   -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -m 2G
   -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"SOCKET"}}'
 SIGTERM or SIGINT stops the daemon: clients are closed and sockets removed.
+SIGHUP re-reads the configuration without dropping attached clients (a bad one changes
+nothing); systemd's `systemctl reload vfiod` sends it.
 """
 
 
@@ -94,19 +96,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.check_config}: OK")
         return 0
-    try:
+
+    def configure() -> Config:
         config = load(args.config)
+        if args.socket_dir:
+            config = dataclasses.replace(config, socket_dir=Path(args.socket_dir))
+        if args.state_dir:
+            config = dataclasses.replace(config, state_dir=Path(args.state_dir))
+        return config
+
+    try:
+        config = configure()
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         print("vfiod: refusing to start on a bad configuration", file=sys.stderr)
         return 1
-    if args.socket_dir:
-        config = dataclasses.replace(config, socket_dir=Path(args.socket_dir))
-    if args.state_dir:
-        config = dataclasses.replace(config, state_dir=Path(args.state_dir))
     try:
-        trio.run(serve_until_signalled, config, announce)
+        trio.run(serve_until_signalled, config, announce, configure)
     except OSError as exc:
         print(f"vfiod: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ Changing NumVFs while a VF has a client is refused with EBUSY, as the kernel ref
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -293,6 +294,84 @@ class Host:
             log.info("PF %s: %d VFs (was %d)", pf_name, numvfs, len(old))
             return {"pf": pf_name, "numvfs": numvfs, "vfs": [vf.name for vf in vfs]}
 
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a changed configuration without dropping attached clients.
+
+        Idle functions that changed or disappeared are rebuilt or removed; a function with a
+        client attached keeps running as it is (reported, applied once it is idle and the
+        daemon reloads again). Socket access, memlock limits (for new clients) and window
+        policies (for new sessions) apply at once. Returns what was done, one line each.
+        """
+        async with self._numvfs_lock:
+            done: list[str] = []
+            for pc in new.phbs:
+                current = self.phbs.get(pc.index)
+                if current is None:
+                    self.phbs[pc.index] = HostPhb(pc, spapr.Phb(index=pc.index,
+                                                                page_shifts=pc.page_shifts))
+                    done.append(f"phb {pc.index}: added")
+                elif current.config != pc:
+                    current.config = pc
+                    done.append(f"phb {pc.index}: {pc.window_policy} for new sessions")
+            wanted = {fc.name: fc for fc in new.functions}
+            top = [s for s in self.slots if s.kind != "vf"]
+            for slot in top:
+                fc = wanted.get(slot.name)
+                if fc == slot.config:
+                    continue
+                if fc is not None and _only_access_changed(slot.config, fc):
+                    self._apply_access(slot, fc)
+                    done.append(f"{slot.name}: socket access updated")
+                    continue
+                busy = [x.name for x in [slot, *slot.vfs] if x.endpoint.session is not None]
+                if busy:
+                    done.append(f"{slot.name}: kept as it is, clients attached to "
+                                f"{', '.join(busy)}")
+                    continue
+                await self._stop_slot(slot)
+                done.append(f"{slot.name}: removed" if fc is None else f"{slot.name}: rebuilt")
+            present = {s.name for s in self.slots}
+            for fc in new.functions:
+                if fc.name in present:
+                    continue
+                rid = (max((s.rid >> 8 for s in self.slots), default=0) + 1) << 8
+                slot = self._add_slot(fc, rid=rid, kind="pf" if fc.totalvfs else "function")
+                if fc.totalvfs:
+                    slot.sriov = self._add_sriov_cap(slot)
+                if fc.numvfs:
+                    self._create_vfs(slot, fc.numvfs)
+                if self._nursery is not None:
+                    for started in [slot, *slot.vfs]:
+                        await self._nursery.start(self._serve_slot, started)
+                if fc.name not in {line.split(":")[0] for line in done}:
+                    done.append(f"{fc.name}: added")
+            self.config = new
+            save_numvfs(self.config.state_dir, self._numvfs_layout())
+            return done
+
+    def _apply_access(self, slot: Slot, fc: FunctionConfig) -> None:
+        slot.config = fc
+        for n, target in enumerate([slot, *slot.vfs]):
+            access = fc.access if target is slot else vf_config(fc, n - 1).access
+            if target is not slot:
+                target.config = replace(target.config, access=access)
+            target.endpoint.access = access
+            path = target.endpoint.path
+            try:
+                os.chown(path, access.uid, access.gid)
+                os.chmod(path, access.mode)
+            except OSError as exc:
+                log.error("function %s: cannot set socket access: %s", target.name, exc)
+
+    async def _stop_slot(self, slot: Slot) -> None:
+        """Stop serving a function (and its VFs) and free its PE."""
+        for target in [*slot.vfs, slot]:
+            if target.scope is not None:
+                target.scope.cancel()
+                await target.stopped.wait()
+            self._drop_slot(target)
+        slot.vfs = []
+
     def _numvfs_layout(self) -> dict[str, int]:
         return {s.name: len(s.vfs) for s in self.slots if s.kind == "pf"}
 
@@ -436,6 +515,10 @@ class Host:
             lines.append(f'vfiod_client_locked_bytes{{pid="{a.peer.pid}"}} '
                          f"{a.client.locked_bytes}")
         return "\n".join(lines) + "\n"
+
+
+def _only_access_changed(old: FunctionConfig, new: FunctionConfig) -> bool:
+    return replace(old, access=new.access, vf_access=new.vf_access) == new
 
 
 def control_socket_path(config: Config) -> Path:
