@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -490,3 +491,101 @@ def test_many_live_maps_and_never_mapped_unmaps_stay_cheap(dma: PeDma) -> None:
         )
     finally:
         ram.close()
+
+
+# -- zero-copy: iovecs ----------------------------------------------------------------------------
+
+
+def test_iovecs_translates_the_whole_list_once(
+    dma: PeDma, ram: Ram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # IOVA pages 0..7 -> file pages 7..0 (reversed), so no two host pieces merge.
+    for i in range(8):
+        dma.map(i * 0x1000, 0x1000, (7 - i) * 0x1000, RW, ram.fd())
+    calls: list[Sequence[tuple[int, int]]] = []
+    real = spapr.Window.translate_raw
+
+    def spy(
+        self: spapr.Window, sg: Sequence[tuple[int, int]], write: bool, memory: spapr.HostMemory
+    ) -> list[tuple[int, int, int]]:
+        calls.append(sg)
+        return real(self, sg, write, memory)
+
+    monkeypatch.setattr(spapr.Window, "translate_raw", spy)
+    pieces = [(0x800, 0x1000), (0x3000, 0x10), (0x5000, 0x2000)]
+    with dma.iovecs(pieces, write=True) as views:
+        assert [v.nbytes for v in views] == [0x800, 0x800, 0x10, 0x1000, 0x1000]
+        assert all(not v.readonly for v in views)
+        os.preadv(ram.memfd, views, 0)  # the kernel fills guest RAM from "the disk"
+    assert len(calls) == 1 and list(calls[0]) == pieces  # one C translation for the list
+    with pytest.raises(ValueError):
+        views[0].tobytes()  # released when the block ended
+    assert not dma.pe.frozen
+
+
+def test_iovecs_data_lands_in_the_client_file(dma: PeDma, ram: Ram, tmp_path: Path) -> None:
+    dma.map(0x10000, 0x4000, 0x4000, RW, ram.fd())
+    disk = os.open(tmp_path / "disk", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(disk, bytes(range(256)) * 32, 0)
+        with dma.iovecs([(0x10100, 0x1000), (0x12000, 0x1000)], write=True) as views:
+            assert os.preadv(disk, views, 0) == 0x2000
+        assert ram.read(0x4100, 0x1000) + ram.read(0x6000, 0x1000) == bytes(range(256)) * 32
+        ram.write(0x5000, b"guest data" * 100)
+        with dma.iovecs([(0x11000, 1000)], write=False) as views:
+            assert os.pwritev(disk, views, 0x10000) == 1000
+        assert os.pread(disk, 1000, 0x10000) == (b"guest data" * 100)[:1000]
+    finally:
+        os.close(disk)
+
+
+def test_iovecs_permissions_and_faults_freeze_before_lending(dma: PeDma, ram: Ram) -> None:
+    dma.map(0, 0x1000, 0, R, ram.fd())
+    dma.map(0x1000, 0x1000, 0x1000, W, ram.fd())
+    dma.map(0x2000, 0x1000, 0x2000, RW, ram.fd())
+    with dma.iovecs([(0, 0x1000)], write=False) as views:
+        assert views[0].nbytes == 0x1000
+    with dma.iovecs([(0x1000, 0x1000)], write=True):
+        pass
+    assert not dma.pe.frozen
+    with pytest.raises(DmaFault):
+        dma.iovecs([(0x2000, 0x100), (0, 0x100)], write=True)  # R-only piece, device writes
+    assert dma.pe.frozen
+    thaw(dma.pe)
+    with pytest.raises(DmaFault):
+        dma.iovecs([(0x2000, 0x100), (0x1000, 0x100)], write=False)  # W-only piece, device reads
+    assert dma.pe.frozen
+    thaw(dma.pe)
+    with pytest.raises(DmaFault):
+        dma.iovecs([(0x2000, 0x100), (0x5000, 0x100), (0x2100, 0x10)], write=False)  # unmapped
+    assert dma.pe.frozen
+    with pytest.raises(DmaFault):  # frozen: every DMA faults
+        dma.iovecs([(0x2000, 0x100)], write=False)
+
+
+def test_iovecs_efault_in_the_block_is_a_fault(dma: PeDma, ram: Ram) -> None:
+    dma.map(0, 0x10000, 0, RW, ram.fd())
+    os.ftruncate(ram.memfd, 0x4000)
+    src = os.memfd_create("src", os.MFD_CLOEXEC)
+    try:
+        os.pwrite(src, b"\1" * 0x1000, 0)
+        with pytest.raises(DmaFault, match="shrank"):
+            with dma.iovecs([(0x8000, 0x1000)], write=True) as views:
+                os.preadv(src, views, 0)  # the kernel meets the hole: EFAULT, no SIGBUS
+        assert dma.pe.frozen
+    finally:
+        os.close(src)
+
+
+def test_iovecs_released_views_let_close_unmap(phb: spapr.Phb) -> None:
+    before = open_fd_count()
+    ram = Ram(1 * MiB)
+    dma = PeDma(phb, phb.new_pe(), spapr.Client())
+    dma.map(0, 1 * MiB, 0, RW, ram.fd())
+    with dma.iovecs([(0, 0x3000), (0x8000, 0x1000)], write=False):
+        pass
+    mm = next(iter(dma._files.values())).mm
+    dma.close()
+    assert mm is not None and mm.closed  # no view kept the mapping alive
+    ram.close()
+    assert open_fd_count() == before

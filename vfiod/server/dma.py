@@ -10,8 +10,9 @@ does the same, and a pseries guest clears its whole default window at boot).
 
 Small device accesses use pread/pwrite on the backing fd rather than touching the mmap from
 Python: a hostile client that truncates its RAM file then gets a short count (a DMA fault), not a
-SIGBUS that would kill the daemon. The mmap is there for zero-copy bulk I/O (preadv/pwritev into
-guest RAM, where the kernel reports such a truncation as EFAULT).
+SIGBUS that would kill the daemon. The mmap is there for zero-copy bulk I/O: ``iovecs`` lends
+memoryviews of it for preadv/pwritev into or out of guest RAM, where the kernel reports such a
+truncation as EFAULT (which the lease turns into a DMA fault).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vfiod.pci.dma import DmaFault
+from vfiod.pci.dma import DmaFault, IovecLease
 
 DMA_READ = 1  #: the device may read this memory (guest -> device)
 DMA_WRITE = 2  #: the device may write this memory (device -> guest)
@@ -201,6 +202,49 @@ class DmaMapTable:
             if done != n:
                 raise DmaFault(m.iova + delta, n, True, "client RAM file shrank")
             view = view[n:]
+
+    def iovecs(self, pieces: Sequence[tuple[int, int]], write: bool) -> IovecLease:
+        """Zero-copy DMA (``vfiod.pci.dma.ZeroCopyDma``): every piece is checked first
+        (DmaFault before anything is lent), then host-contiguous parts of the same RAM file are
+        merged and lent as memoryviews of its mmap, valid inside the lease's ``with`` block."""
+        host: list[tuple[Backing, int, int]] = []  # (RAM file, file offset, length), merged
+        for iova, length in pieces:
+            if length == 0:
+                continue
+            for m, delta, n in self.pieces(iova, length, write):
+                assert m.backing is not None  # pieces() faults on fd-less mappings
+                off = m.offset + delta
+                if host:
+                    b, o, ln = host[-1]
+                    if b is m.backing and o + ln == off:
+                        host[-1] = (b, o, ln + n)
+                        continue
+                host.append((m.backing, off, n))
+        bases: dict[int, memoryview] = {}
+        views: list[memoryview] = []
+        try:
+            for backing, off, n in host:
+                base = bases.get(id(backing))
+                if base is None:
+                    if backing.mm is None:
+                        raise DmaFault(pieces[0][0], n, write, "RAM file not mapped")
+                    base = bases[id(backing)] = memoryview(backing.mm)
+                v = base[off : off + n]
+                views.append(v)
+                if v.nbytes != n:
+                    raise DmaFault(pieces[0][0], n, write, "piece beyond its RAM file")
+        except BaseException:
+            for v in views:
+                v.release()
+            for v in bases.values():
+                v.release()
+            raise
+
+        def on_efault(exc: OSError) -> DmaFault:
+            iova = pieces[0][0] if pieces else 0
+            return DmaFault(iova, sum(n for _, n in pieces), write, "client RAM file shrank")
+
+        return IovecLease(views, list(bases.values()), on_efault)
 
     # -- internals -----------------------------------------------------------------------
 

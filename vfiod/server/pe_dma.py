@@ -41,12 +41,16 @@
   unmap that hits nothing costs one bisect and never touches the tables.
 
 Device DMA (``read``/``write``) is ``Pe.translate`` followed by ``pread``/``pwrite`` on the
-file: a read needs R, a write W, and a fault anywhere (no window, invalid TCE, permission,
-frozen DMA, or a client file that shrank) freezes the PE (EEH) before any byte moves. Python
-never touches the client's mmap (it is only the buffer ``HostMemory`` requires, for zero-copy
-kernel I/O later), so a client that truncates its file gets a DMA fault, not a SIGBUS in the
-daemon. ``access_blocked(region)`` tells the session when MMIO (BARs, ROM, VGA) of a frozen PE
-must read all-ones and drop stores, and when config space is blocked (during an EEH reset).
+file; zero-copy DMA (``iovecs``) is one ``Pe.translate_sg`` of a whole scatter-gather list, lent
+as memoryviews of the files' mmaps for the kernel's ``preadv``/``pwritev`` and released when the
+``with`` block ends. Either way a read needs R, a write W, and a translation fault anywhere (no
+window, invalid TCE, permission, frozen DMA) freezes the PE (EEH) before any byte moves; a
+client file that shrank freezes it too (short pread/pwrite, or EFAULT from the kernel during
+zero-copy I/O). Python never reads or writes the client's mmap itself, so a client that
+truncates its file gets a DMA fault, not a SIGBUS in the daemon.
+
+``access_blocked(region)`` tells the session when MMIO (BARs, ROM, VGA) of a frozen PE must read
+all-ones and drop stores, and when config space is blocked (during an EEH reset).
 """
 
 from __future__ import annotations
@@ -57,14 +61,14 @@ import mmap
 import os
 import stat
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
 from vfiod import spapr
 from vfiod.pci.constants import REGION_CONFIG
-from vfiod.pci.dma import DmaFault
+from vfiod.pci.dma import DmaFault, IovecLease
 
 DMA_READ = 1  #: DMA_MAP flag: the device may read this memory
 DMA_WRITE = 2  #: DMA_MAP flag: the device may write this memory
@@ -353,6 +357,45 @@ class PeDma:
             if os.pwrite(file.fd, view[pos : pos + n], off) != n:
                 raise self._fault(iova, length, True, "client RAM file shrank")
             pos += n
+
+    def iovecs(self, pieces: Sequence[tuple[int, int]], write: bool) -> IovecLease:
+        """Zero-copy DMA (``vfiod.pci.dma.ZeroCopyDma``): the whole scatter-gather list goes
+        through the PE in one ``Pe.translate_sg`` call (the C translation, one call per window
+        the list touches), then each host piece becomes a memoryview of its client file's mmap.
+
+        ``write`` means the device writes guest memory (needs W); else it reads it (needs R).
+        Any fault freezes the PE and raises DmaFault before a view exists, so nothing moves.
+        The views are only valid inside the lease's ``with`` block; an EFAULT from the kernel
+        (the client truncated its file) leaving the block freezes the PE and becomes DmaFault.
+        """
+        try:
+            host = self.pe.translate_sg(pieces, write)  # freezes the PE on a fault
+        except spapr.DmaFault as f:
+            raise DmaFault(f.iova, f.length, write, f.reason) from None
+        by_buffer = self._space.by_buffer
+        for buf, _, _ in host:
+            if id(buf) not in by_buffer:
+                raise self._sg_fault(pieces, write, "TCE points at memory of no client file")
+        views: list[memoryview] = []
+        try:
+            for buf, off, n in host:
+                v = buf[off : off + n]
+                views.append(v)
+                if v.nbytes != n:  # cannot happen: translation checked the region bounds
+                    raise self._sg_fault(pieces, write, "piece beyond its client file")
+        except BaseException:
+            for v in views:
+                v.release()
+            raise
+
+        def on_efault(exc: OSError) -> DmaFault:
+            return self._sg_fault(pieces, write, "client RAM file shrank")
+
+        return IovecLease(views, (), on_efault)
+
+    def _sg_fault(self, pieces: Sequence[tuple[int, int]], write: bool, reason: str) -> DmaFault:
+        iova = pieces[0][0] if pieces else 0
+        return self._fault(iova, sum(n for _, n in pieces), write, reason)
 
     def _translate(self, iova: int, length: int, write: bool) -> list[tuple[ClientFile, int, int]]:
         try:

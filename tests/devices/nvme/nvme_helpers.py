@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import struct
 from dataclasses import dataclass
+from typing import Any
 
+from vfiod import spapr
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.pci import DmaFault
+from vfiod.server.dma import DmaMapTable
+from vfiod.server.pe_dma import PeDma
 
 PAGE = 4096
 BASE = 0x100000
@@ -32,6 +37,10 @@ class FakeDma:
                 raise DmaFault(iova, n, write, "hole")
         return slice(off, off + n)
 
+    @property
+    def size(self) -> int:
+        return len(self.mem)
+
     def read(self, iova: int, length: int) -> bytes:
         self.reads += 1
         return bytes(self.mem[self._range(iova, length, False)])
@@ -45,6 +54,81 @@ class FakeDma:
 
     def poke(self, iova: int, data: bytes) -> None:
         self.mem[iova - BASE : iova - BASE + len(data)] = data
+
+
+class GuestRam:
+    """Guest RAM in a memfd behind a real DMA view, as a session builds it: a :class:`PeDma`
+    (DMA through the function's PE and its TCE table) or, with ``pe=False``, a plain
+    :class:`DmaMapTable`. IOVA ``BASE + i * PAGE`` is memfd page ``pages[i]``: identity, or a
+    random permutation with ``scramble`` (so host pieces never merge). ``view`` is what the
+    controller gets; ``peek``/``poke`` work on the memfd, never through the DMA view."""
+
+    def __init__(
+        self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0
+    ) -> None:
+        self.memfd = os.memfd_create("nvme-guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, size)
+        self.npages = size // PAGE
+        self.pages = list(range(self.npages))
+        if scramble:
+            random.Random(seed).shuffle(self.pages)
+        self.view: Any
+        if pe:
+            self.phb = spapr.Phb(index=0)
+            self.pe: spapr.Pe | None = self.phb.new_pe()
+            self.view = PeDma(self.phb, self.pe, spapr.Client())
+        else:
+            self.pe = None
+            self.view = DmaMapTable()
+        if scramble:
+            for i, page in enumerate(self.pages):
+                self.view.map(BASE + i * PAGE, PAGE, page * PAGE, 3, os.dup(self.memfd))
+        else:
+            self.view.map(BASE, size, 0, 3, os.dup(self.memfd))
+
+    @property
+    def size(self) -> int:
+        return self.npages * PAGE
+
+    def _spans(self, iova: int, n: int) -> list[tuple[int, int]]:
+        out = []
+        while n:
+            i, off = divmod(iova - BASE, PAGE)
+            take = min(n, PAGE - off)
+            out.append((self.pages[i] * PAGE + off, take))
+            iova += take
+            n -= take
+        return out
+
+    def peek(self, iova: int, n: int) -> bytes:
+        return b"".join(os.pread(self.memfd, ln, off) for off, ln in self._spans(iova, n))
+
+    def poke(self, iova: int, data: bytes) -> None:
+        pos = 0
+        for off, ln in self._spans(iova, len(data)):
+            os.pwrite(self.memfd, data[pos : pos + ln], off)
+            pos += ln
+
+    def snapshot(self) -> bytes:
+        return os.pread(self.memfd, self.size, 0)
+
+    def restore(self, data: bytes) -> None:
+        os.pwrite(self.memfd, data, 0)
+
+    # DmaSpace, for hosts that attach this object itself
+    def read(self, iova: int, length: int) -> bytes:
+        data: bytes = self.view.read(iova, length)
+        return data
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.view.write(iova, data)
+
+    def close(self) -> None:
+        """Idempotent: tests may close the view early (leak checks) and the fixture again."""
+        self.view.close()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
 
 
 @dataclass
@@ -81,10 +165,11 @@ class HostQueue:
 class Host:
     """Drives an NvmeController through BAR0 region accesses and guest RAM."""
 
-    def __init__(self, ctrl: NvmeController, dma: FakeDma | None = None) -> None:
+    def __init__(self, ctrl: NvmeController, dma: FakeDma | GuestRam | None = None) -> None:
         self.ctrl = ctrl
         self.dma = dma or FakeDma()
-        ctrl.attach_dma(self.dma)
+        # GuestRam: the controller gets the real DMA view (PeDma / DmaMapTable) itself
+        ctrl.attach_dma(self.dma.view if isinstance(self.dma, GuestRam) else self.dma)
         ctrl.region_write(7, 0x04, struct.pack("<H", 0x6))  # MEM + bus master
         self._next = BASE
         self.queues: dict[int, HostQueue] = {}
@@ -95,7 +180,7 @@ class Host:
     def alloc(self, pages: int = 1) -> int:
         addr = self._next
         self._next += pages * PAGE
-        assert self._next - BASE <= len(self.dma.mem)
+        assert self._next - BASE <= self.dma.size
         return addr
 
     # ---- registers ----------------------------------------------------------------------------
