@@ -30,6 +30,7 @@ from vfiod.config import Config, FunctionConfig, PhbConfig, vf_name
 from vfiod.control import describe
 from vfiod.control.api import SCHEMA_VERSION, ControlError, parse_pe_ref
 from vfiod.layout import load_numvfs, save_numvfs
+from vfiod.metrics import Family, render
 from vfiod.pci.caps import SRIOV_CTRL, SRIOV_CTRL_MSE, SRIOV_CTRL_VFE, SRIOV_NUM_VF, SriovCap
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.function import PciFunction
@@ -500,21 +501,62 @@ class Host:
         ]
 
     def metrics(self) -> str:
-        lines = [
-            "# HELP vfiod_function_sessions_total Client sessions served.",
-            "# TYPE vfiod_function_sessions_total counter",
-        ]
+        """Prometheus text: per function, PE and client (``vfiodctl metrics``)."""
+        fam = {
+            name: Family(name, kind, text)
+            for name, kind, text in [
+                ("vfiod_function_sessions_total", "counter", "Client sessions served."),
+                ("vfiod_function_refused_total", "counter", "Connections refused (busy, EPERM)."),
+                ("vfiod_function_messages_total", "counter", "vfio-user requests handled."),
+                ("vfiod_function_errors_total", "counter", "Requests answered with an error."),
+                ("vfiod_function_client_attached", "gauge", "1 while a client is attached."),
+                ("vfiod_function_dma_maps_total", "counter", "DMA_MAP requests applied."),
+                ("vfiod_function_dma_unmaps_total", "counter", "DMA_UNMAP requests applied."),
+                ("vfiod_function_dma_mappings", "gauge", "Live DMA mappings of the client."),
+                ("vfiod_pe_eeh_state", "gauge", "EEH state (0 normal, 2 stopped, 4 DMA stopped)."),
+                ("vfiod_pe_freezes_total", "counter", "Times the PE was frozen by a fault."),
+                ("vfiod_pe_tces_in_use", "gauge", "Valid TCEs in the PE's windows."),
+                ("vfiod_client_locked_bytes", "gauge", "Locked memory charged to a client."),
+                ("vfiod_client_memlock_limit_bytes", "gauge", "The client's locked-memory limit."),
+            ]
+        }
         for s in self.slots:
-            lines.append(f'vfiod_function_sessions_total{{function="{s.name}"}} '
-                         f"{s.endpoint.sessions_total}")
-        lines += [
-            "# HELP vfiod_client_locked_bytes Locked memory charged to a client process.",
-            "# TYPE vfiod_client_locked_bytes gauge",
-        ]
+            ep, session = s.endpoint, s.endpoint.session
+            labels: dict[str, object] = {"function": s.name}
+            live_maps = live_unmaps = live = messages = errors = 0
+            if session is not None:
+                messages, errors = session.messages, session.errors
+                live = len(session.dma)
+                live_maps = getattr(session.dma, "maps_total", 0)
+                live_unmaps = getattr(session.dma, "unmaps_total", 0)
+            fam["vfiod_function_sessions_total"].add(ep.sessions_total, **labels)
+            fam["vfiod_function_refused_total"].add(ep.refused_total, **labels)
+            fam["vfiod_function_messages_total"].add(ep.messages_total + messages, **labels)
+            fam["vfiod_function_errors_total"].add(ep.errors_total + errors, **labels)
+            fam["vfiod_function_client_attached"].add(int(session is not None), **labels)
+            fam["vfiod_function_dma_maps_total"].add(ep.dma_maps_total + live_maps, **labels)
+            fam["vfiod_function_dma_unmaps_total"].add(ep.dma_unmaps_total + live_unmaps,
+                                                       **labels)
+            fam["vfiod_function_dma_mappings"].add(live, **labels)
+            pe_labels = {"phb": s.phb.phb.index, "pe": s.pe.number, "function": s.name}
+            fam["vfiod_pe_eeh_state"].add(s.pe.eeh_state, **pe_labels)
+            fam["vfiod_pe_freezes_total"].add(s.pe.eeh.freeze_count, **pe_labels)
+            tces = 0
+            if s.pe.container is not None:
+                tces = sum(describe.tces_in_use(w) for w in s.pe.container.windows if w)
+            fam["vfiod_pe_tces_in_use"].add(tces, **pe_labels)
         for a in self.clients.values():
-            lines.append(f'vfiod_client_locked_bytes{{pid="{a.peer.pid}"}} '
-                         f"{a.client.locked_bytes}")
-        return "\n".join(lines) + "\n"
+            labels = {"pid": a.peer.pid, "uid": a.peer.uid}
+            fam["vfiod_client_locked_bytes"].add(a.client.locked_bytes, **labels)
+            limit = a.client.memlock_limit
+            fam["vfiod_client_memlock_limit_bytes"].add(-1 if limit is None else limit, **labels)
+        for s in self.slots:
+            extra = getattr(s.function, "metrics", None)
+            if extra is not None:
+                for family in extra(s.name):
+                    fam.setdefault(family.name, Family(family.name, family.kind, family.help))
+                    fam[family.name].samples.extend(family.samples)
+        return render(fam.values())
 
 
 def _only_access_changed(old: FunctionConfig, new: FunctionConfig) -> bool:

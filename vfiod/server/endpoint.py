@@ -40,6 +40,8 @@ class Endpoint:
         self.refused_total = 0
         self.messages_total = 0  # of finished sessions
         self.errors_total = 0
+        self.dma_maps_total = 0
+        self.dma_unmaps_total = 0
         self._session_factory = session_factory or _plain_session
         self.access = access or SocketAccess()
         self._ino: int | None = None
@@ -87,6 +89,8 @@ class Endpoint:
             self.session = None
             self.messages_total += session.messages
             self.errors_total += session.errors
+            self.dma_maps_total += getattr(session.dma, "maps_total", 0)
+            self.dma_unmaps_total += getattr(session.dma, "unmaps_total", 0)
             log.info(
                 "function %s: client gone after %d messages (%d refused)",
                 self.name,

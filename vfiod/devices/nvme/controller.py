@@ -27,11 +27,20 @@ Transfer Error, before the data moved if it was the PRP list.
 
 Data path. A command's PRPs are turned into a list of (iova, length) pieces first
 (:func:`~vfiod.devices.nvme.prp.prp_pieces`), then :meth:`NvmeController._transfer` moves the
-whole list in one call; that method is the seam for a zero-copy preadv/pwritev fast path.
+whole list in one call. When the DMA view offers zero-copy (``iovecs``, see
+:class:`vfiod.pci.dma.ZeroCopyDma`; PeDma and DmaMapTable do), the whole list is translated at
+once (through the PE: one C scatter-gather translation, a fault freezes the PE and nothing
+moves) and the data goes straight between the backing store and guest RAM with
+``os.preadv``/``os.pwritev`` (at most ``IOV_MAX`` iovecs a call, short counts resumed): no
+per-page Python loop, no intermediate copy. Otherwise it goes through ``read``/``write`` of the
+view with a bounce buffer. Either way a DMA fault (or EFAULT from the kernel: the client's RAM
+file shrank) ends the command with Data Transfer Error; other store errors are Write Fault /
+Unrecovered Read Error.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -164,8 +173,9 @@ from vfiod.devices.nvme.identify import (
     smart_log,
 )
 from vfiod.devices.nvme.prp import NvmeStatus, Piece, prp_pieces
+from vfiod.metrics import Family, Histogram
 from vfiod.pci.config import BarKind, BarSpec
-from vfiod.pci.dma import DmaFault
+from vfiod.pci.dma import IOV_MAX, DmaFault, zero_copy
 from vfiod.pci.function import PciFunction
 from vfiod.pci.region import Region
 
@@ -330,6 +340,22 @@ class _Doorbells:
             self.ctrl._sq_doorbell(qid, value & 0xFFFF)
 
 
+class NvmeStats:
+    """Counters for the metrics endpoint: commands by queue kind and opcode, errors, latency."""
+
+    def __init__(self) -> None:
+        self.commands: dict[tuple[str, int], int] = {}
+        self.errors: dict[tuple[str, int], int] = {}
+        self.latency = Histogram()
+
+    def record(self, admin: bool, opcode: int, status: int, seconds: float) -> None:
+        key = ("admin" if admin else "io", opcode)
+        self.commands[key] = self.commands.get(key, 0) + 1
+        if status:
+            self.errors[key] = self.errors.get(key, 0) + 1
+        self.latency.observe(seconds)
+
+
 class NvmeController(PciFunction):
     """NVMe controller personality; see the module docstring for layout and behaviour."""
 
@@ -377,6 +403,9 @@ class NvmeController(PciFunction):
             raise ValueError("backing store smaller than one logical block")
         self.io_queues = io_queues
         self.mdts = mdts
+        #: move data with preadv/pwritev when the DMA view offers ``iovecs`` (False: always
+        #: through read/write and a bounce buffer, as a view without zero-copy would)
+        self.zero_copy = True
         key = os.path.realpath(store.path)
         digest = hashlib.sha256(f"vfiod-nvme:{key}".encode()).hexdigest()
         self.serial = serial if serial is not None else "VFIOD" + digest[:15].upper()
@@ -420,6 +449,7 @@ class NvmeController(PciFunction):
 
         self.temperature = 303  #: composite temperature reported, Kelvin
         self.smart = SmartCounters()
+        self.stats = NvmeStats()
         self.errors: list[ErrorEntry] = []
         self.error_count = 0
         self._power_on = time.monotonic()
@@ -615,10 +645,31 @@ class NvmeController(PciFunction):
                 sq.head = (sq.head + 1) % sq.size
                 self._execute(sq, cq, cmd)
 
+    def metrics(self, function: str) -> list[Family]:
+        """Prometheus families for this controller (collected by the host's metrics)."""
+        commands = Family("vfiod_nvme_commands_total", "counter", "NVMe commands completed.")
+        errors = Family("vfiod_nvme_command_errors_total", "counter",
+                        "NVMe commands completed with an error status.")
+        for (queue, opcode), n in sorted(self.stats.commands.items()):
+            commands.add(n, function=function, queue=queue, opcode=f"{opcode:#04x}")
+        for (queue, opcode), n in sorted(self.stats.errors.items()):
+            errors.add(n, function=function, queue=queue, opcode=f"{opcode:#04x}")
+        read = Family("vfiod_nvme_read_bytes_total", "counter", "Bytes read by the guest.")
+        read.add(self.smart.bytes_read, function=function)
+        written = Family("vfiod_nvme_written_bytes_total", "counter",
+                         "Bytes written by the guest.")
+        written.add(self.smart.bytes_written, function=function)
+        latency = Family("vfiod_nvme_command_seconds", "histogram",
+                         "Time from fetching an NVMe command to its completion.")
+        latency.add_histogram(Histogram.BUCKETS, self.stats.latency.counts,
+                              self.stats.latency.total, function=function)
+        return [commands, errors, read, written, latency]
+
     def _execute(self, sq: SubmissionQueue, cq: CompletionQueue, cmd: Command) -> None:
         status = 0
         dw0: int | None = 0
         lba = 0
+        started = time.perf_counter()
         try:
             if cmd.flags & 0xC3:  # FUSE or PSDT (SGL) set: neither is supported
                 raise NvmeStatus(SC_INVALID_FIELD)
@@ -631,6 +682,7 @@ class NvmeController(PciFunction):
         except Exception:
             log.exception("nvme: SQ %d cid %d opcode %#x failed", sq.qid, cmd.cid, cmd.opcode)
             status = SC_INTERNAL
+        self.stats.record(sq.qid == 0, cmd.opcode, status, time.perf_counter() - started)
         if status:
             status |= STATUS_DNR
             self._log_error(sq.qid, cmd, status, lba)
@@ -693,15 +745,34 @@ class NvmeController(PciFunction):
     def _transfer(self, pieces: list[Piece], write_to_guest: bool, file_offset: int) -> None:
         """Move data between the backing store and guest memory along ``pieces``.
 
-        The seam for the zero-copy path: it gets the complete piece list of a command. Raises
-        DmaFault (nothing more is touched after the fault) or OSError from the store.
+        Gets the complete piece list of a command. Zero-copy when the DMA view offers
+        ``iovecs`` (see the module docstring), else through ``read``/``write``. Raises DmaFault
+        (the PE's translation faulted: nothing moved; or guest memory vanished mid-transfer)
+        or OSError from the store.
         """
-        total = sum(n for _, n in pieces)
-        if write_to_guest:
-            data = self.store.read(file_offset, total)
-            self._to_guest(pieces, data)
-        else:
-            self.store.write(file_offset, self._from_guest(pieces))
+        iovecs = zero_copy(self.dma) if self.zero_copy else None
+        if iovecs is None:
+            total = sum(n for _, n in pieces)
+            if write_to_guest:
+                data = self.store.read(file_offset, total)
+                self._to_guest(pieces, data)
+            else:
+                self.store.write(file_offset, self._from_guest(pieces))
+            return
+        if not self.bus_master:
+            total = sum(n for _, n in pieces)
+            iova = pieces[0][0] if pieces else 0
+            raise DmaFault(iova, total, write_to_guest, "bus master disabled")
+        try:
+            with iovecs(pieces, write_to_guest) as views:
+                done, total = _vectored_io(self.store.fd, views, file_offset, write_to_guest)
+        except OSError as err:
+            if err.errno == errno.EFAULT:  # a view without its own EFAULT translation
+                iova = pieces[0][0] if pieces else 0
+                raise DmaFault(iova, 0, write_to_guest, "guest memory vanished") from err
+            raise
+        if done < total:  # read past the end of a backing file that shrank: zeros, as a hole
+            self._to_guest(_pieces_from(pieces, done), bytes(total - done))
 
     def _to_guest(self, pieces: list[Piece], data: bytes) -> None:
         if len(pieces) == 1:
@@ -1167,6 +1238,64 @@ class NvmeController(PciFunction):
             except OSError as err:
                 self.smart.media_errors += 1
                 raise NvmeStatus(SC_WRITE_FAULT, lba=slba) from err
+
+
+def _vectored_io(fd: int, views: list[memoryview], offset: int, to_guest: bool) -> tuple[int, int]:
+    """preadv (``to_guest``) or pwritev ``views`` at ``offset`` of ``fd``; at most IOV_MAX
+    iovecs a call, short counts resumed. Returns (bytes moved, bytes asked): a read stops early
+    only at end of file. Slices made here for a resumed view are released here."""
+    op = os.preadv if to_guest else os.pwritev
+    total = sum(v.nbytes for v in views)
+    done = 0
+    i, n = 0, len(views)
+    if n <= IOV_MAX:  # the common case: one call moves everything
+        got = op(fd, views, offset)
+        if got == total:
+            return total, total
+        if got == 0 and to_guest:
+            return 0, total
+    else:
+        got = 0
+    slices: list[memoryview] = []
+    try:
+        cur = views if got == 0 else list(views)
+        while True:
+            # consume ``got`` bytes from the front of cur[i:]
+            done += got
+            while got and i < n:
+                size = cur[i].nbytes
+                if got >= size:
+                    got -= size
+                    i += 1
+                else:
+                    rest = cur[i][got:]
+                    slices.append(rest)
+                    if cur is views:
+                        cur = list(views)
+                    cur[i] = rest
+                    got = 0
+            if i >= n:
+                return done, total
+            got = op(fd, cur[i : i + IOV_MAX], offset + done)
+            if got == 0:
+                if to_guest:
+                    return done, total  # end of file
+                raise OSError(errno.EIO, "short write to the backing store")
+    finally:
+        for v in slices:
+            v.release()
+
+
+def _pieces_from(pieces: list[Piece], skip: int) -> list[Piece]:
+    """The part of ``pieces`` after its first ``skip`` bytes."""
+    out: list[Piece] = []
+    for iova, n in pieces:
+        if skip >= n:
+            skip -= n
+            continue
+        out.append((iova + skip, n - skip))
+        skip = 0
+    return out
 
 
 __all__ = ["Command", "NvmeController"]
