@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 import trio
 
-from vfiod import __version__
+from vfiod import __version__, logs
 from vfiod.config import Config, ConfigError, load
 from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
 from vfiod.host import control_socket_path
@@ -51,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (default INFO)",
     )
+    p.add_argument(
+        "--log-format",
+        default="logfmt",
+        choices=["logfmt", "text"],
+        help="logfmt: one event per line as key=value pairs (default); text: plain lines",
+    )
     p.add_argument("--version", action="version", version=f"vfiod {__version__}")
     return p
 
@@ -84,9 +89,7 @@ def _provisioned_qemu() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format)
     if args.check_config:
         try:
             load(args.check_config)

@@ -68,6 +68,7 @@ class Endpoint:
                         log.warning(
                             "function %s: refused pid %d uid %d (not in allowed_uids)",
                             self.name, peer.pid, peer.uid,
+                            extra={"function": self.name, "client": peer.pid, "uid": peer.uid},
                         )
                         nursery.start_soon(refuse, channel, self.name, errno.EPERM)
                         continue
@@ -79,12 +80,15 @@ class Endpoint:
 
     async def _run_session(self, session: Session) -> None:
         self.sessions_total += 1
-        log.info("function %s: client connected", self.name)
+        peer = session.peer
+        context = {"function": self.name, "client": peer.pid if peer else None,
+                   "uid": peer.uid if peer else None}
+        log.info("function %s: client connected", self.name, extra=context)
         try:
             await session.run()
         except Exception:
             # A bug met by one client must not take the function away from the next one.
-            log.exception("function %s: session failed", self.name)
+            log.exception("function %s: session failed", self.name, extra=context)
         finally:
             self.session = None
             self.messages_total += session.messages
@@ -96,6 +100,7 @@ class Endpoint:
                 self.name,
                 session.messages,
                 session.errors,
+                extra=context,
             )
 
     async def _bind(self) -> trio.socket.SocketType:
