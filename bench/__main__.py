@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import spapr_bench, vfio_user_bench
+from bench import guest_bench, nvme_bench, spapr_bench, vfio_user_bench
 from bench.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<date>.json)")
+    p.add_argument("--no-guests", action="store_true",
+                   help="skip the real-guest NVMe runs (they boot QEMU guests: minutes)")
+    p.add_argument("--no-pseries", action="store_true", help="skip the pseries guest runs")
     args = p.parse_args(argv)
 
     n = 2000 if args.quick else 20000
@@ -31,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     results["vfio_user"] = vfio_user_bench.run(n=n, pairs=n)
     print("sPAPR TCE fast path (cffi vs Python twin)...", flush=True)
     results["spapr_tce"] = spapr_bench.run(min_time=0.1 if args.quick else 0.5)
+    print("NVMe data path in-process (zero-copy vs copy)...", flush=True)
+    results["nvme_inprocess"] = nvme_bench.run()
+    if not args.no_guests:
+        print("NVMe in real guests (vfiod VF vs QEMU's in-process NVMe; pseries DDW vs "
+              "per-TCE)...", flush=True)
+        results["nvme_guests"] = guest_bench.run(
+            mib=16 if args.quick else 128, small=500 if args.quick else 4000,
+            pseries=not args.no_pseries,
+        )
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS / f"bench-{stamp}.json"
@@ -48,6 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in sp["cffi"].items():
             print(f"  {key}: cffi {value:,.0f}/s, python {sp['python'][key]:,.0f}/s "
                   f"({sp['speedup'][key]:.0f}x)")
+    guests = results.get("nvme_guests")
+    if guests:
+        print("  guest NVMe MB/s (vfiod VF | QEMU in-process | ratio):")
+        x86 = guests["x86_64"]
+        for key, ratio in x86["vfiod_over_inprocess"].items():
+            print(f"    x86_64 {key}: {x86['vfiod_vf']['mb_per_s'][key]} | "
+                  f"{x86['qemu_inprocess_nvme']['mb_per_s'][key]} | {ratio}")
+        if "ppc64le" in guests:
+            ppc = guests["ppc64le"]
+            print("  pseries MB/s per DMA path (DDW | 32-bit per-TCE | ratio):")
+            for key, ratio in ppc["ddw_over_per_tce"].items():
+                print(f"    {key}: {ppc['ddw_64bit_window']['mb_per_s'][key]} | "
+                      f"{ppc['tce32_per_tce']['mb_per_s'][key]} | {ratio}")
     return 0
 
 
