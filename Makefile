@@ -24,7 +24,7 @@ qemu:
 	tools/provision-qemu.sh
 
 guest-images: qemu
-	tools/build-guest-images.sh
+	GUEST_ARCHES="$${GUEST_ARCHES:-x86_64 ppc64le}" tools/build-guest-images.sh
 
 test: venv qemu guest-images
 	$(PY) -m pytest -q

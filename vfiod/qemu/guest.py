@@ -47,19 +47,21 @@ class GuestError(AssertionError):
 class GuestResult:
     console: str                    # serial console, \r and ANSI escapes removed
     stderr: str                     # QEMU's own stderr (errors, vfio-user warnings)
-    returncode: int | None          # QEMU's exit status (None if it had to be killed)
+    returncode: int | None          # QEMU's exit status (None if the harness killed it)
     exit_status: int | None         # /guest.sh's exit status (None: the script never finished)
     markers: dict[str, str] = field(default_factory=dict)  # last value of each @@VFIOD key
     marker_lines: list[str] = field(default_factory=list)  # every @@VFIOD line, in order
     sections: dict[str, str] = field(default_factory=dict)  # @@BEGIN name ... @@END name
     timed_out: bool = False
     aborted: str | None = None       # the abort pattern that stopped the run, if any
+    error: str | None = None         # a harness step that failed (pseries QMP prelaunch)
     duration: float = 0.0
     command: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.exit_status == 0 and not self.timed_out and self.aborted is None
+        return (self.exit_status == 0 and not self.timed_out and self.aborted is None
+                and self.error is None)
 
     def tail(self, lines: int = 60) -> str:
         """The last console lines plus QEMU's stderr: what to show when something failed."""
@@ -69,7 +71,8 @@ class GuestResult:
         return text
 
     def describe(self) -> str:
-        state = ("timed out" if self.timed_out else f"aborted on {self.aborted!r}" if self.aborted
+        state = (self.error if self.error else "timed out" if self.timed_out
+                 else f"aborted on {self.aborted!r}" if self.aborted
                  else f"qemu exit {self.returncode}, script exit {self.exit_status}")
         return f"guest {state} after {self.duration:.1f} s"
 
@@ -132,16 +135,68 @@ def build_initrd_overlay(script: str, files: Mapping[str, bytes | str] | None = 
     return cpio.gzip_bytes(cpio.newc_archive(entries))
 
 
+#: Longest the pseries prelaunch (QMP connect, device_add of every device, cont) may take: each
+#: device_add makes QEMU connect to the server and read the device's regions and config space.
+PRELAUNCH_TIMEOUT = 60.0
+
+
 async def _qmp_prelaunch(qmp_path: Path, sockets: Sequence[str | Path]) -> None:
-    from .qmp import QmpClient
+    """QEMU 11.1's pseries workaround (lab.md): device_add each vfio-user-pci device while the
+    machine is still in prelaunch (-S), then cont; raise QmpError saying which step failed."""
+    from .qmp import QmpClient, QmpError
 
     client = await QmpClient.connect(qmp_path)
     try:
+        status = await client.execute("query-status")
+        if status.get("status") != "prelaunch":
+            raise QmpError(f"machine is {status.get('status')!r}, not in prelaunch")
         for i, path in enumerate(sockets):
-            await client.execute("device_add", vfio_user_device(path, f"vfu{i}"))
+            try:
+                await client.execute("device_add", vfio_user_device(path, f"vfu{i}"))
+            except QmpError as exc:
+                raise QmpError(f"vfu{i} ({path}): {exc}") from None
         await client.execute("cont")
+        status = await client.execute("query-status")
+        if not status.get("running"):
+            raise QmpError(f"cont: machine is {status.get('status')!r}, not running")
     finally:
         await client.aclose()
+
+
+async def _prelaunch(qmp_path: Path, sockets: Sequence[str | Path], exited: trio.Event,
+                     timeout: float) -> str | None:
+    """Run the prelaunch unless QEMU exits first; None when the guest is running, else why not."""
+    from .qmp import QmpError
+
+    failure: list[str] = []
+    finished = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_exit() -> None:
+            await exited.wait()
+            await trio.sleep(0.5)  # a QMP error that explains the exit wins
+            nursery.cancel_scope.cancel()
+
+        async def add_devices() -> None:
+            nonlocal finished
+            try:
+                with trio.fail_after(timeout):
+                    await _qmp_prelaunch(qmp_path, sockets)
+                finished = True
+            except trio.TooSlowError:
+                failure.append(f"QMP prelaunch (device_add, cont) took more than {timeout:.0f} s")
+            except (OSError, QmpError, ValueError) as exc:
+                failure.append(f"QMP prelaunch failed: {exc}")
+                await trio.sleep(0.2)  # let QEMU's own complaint reach stderr
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_exit)
+        nursery.start_soon(add_devices)
+    if failure:
+        return failure[0]
+    if not finished:
+        return "QEMU exited before the vfio-user devices were added (see its stderr)"
+    return None
 
 
 async def run_guest(
@@ -165,6 +220,10 @@ async def run_guest(
     `accel` None picks KVM only if it demonstrably works (see accel.py), else TCG.
     `timeout` covers the whole run; on expiry QEMU is killed and the result has timed_out=True
     (call .check() to turn any failure into an exception with the console tail).
+    pseries prelaunch (QMP connect, device_add, cont; at most PRELAUNCH_TIMEOUT): if it fails,
+    or QEMU exits first, QEMU is killed and the result's `error` says which step and why
+    (QEMU's own complaint is in `stderr`). Cancelling run_guest kills QEMU.
+    pseries guests are booted with eeh=off (see cmdline.kernel_command_line).
     Raises QemuNotProvisioned if QEMU or the images are missing.
     """
     arch = normalize_arch(arch)
@@ -204,6 +263,7 @@ async def _run(
     out = bytearray()
     err = bytearray()
     done = trio.Event()
+    exited = trio.Event()
     aborted: list[str] = []
     t0 = time.monotonic()
     proc = await trio.lowlevel.open_process(
@@ -224,9 +284,11 @@ async def _run(
 
     async def waiter() -> None:
         await proc.wait()
+        exited.set()
         done.set()
 
-    timed_out = False
+    timed_out = killed = False
+    error: str | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, proc.stdout, out)
@@ -234,13 +296,16 @@ async def _run(
             nursery.start_soon(waiter)
             with trio.move_on_after(timeout) as scope:
                 if qmp is not None:
-                    await _qmp_prelaunch(qmp, sockets)
-                await done.wait()
+                    error = await _prelaunch(qmp, sockets, exited, min(timeout, PRELAUNCH_TIMEOUT))
+                if error is None:
+                    await done.wait()
             timed_out = scope.cancelled_caught
             if proc.returncode is None:
+                killed = True
                 proc.kill()
     finally:
         if proc.returncode is None:
+            killed = True
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
@@ -250,13 +315,14 @@ async def _run(
     return GuestResult(
         console=console,
         stderr=_clean(bytes(err)),
-        returncode=None if (timed_out or aborted) else proc.returncode,
+        returncode=None if killed else proc.returncode,
         exit_status=int(status) if status is not None and status.lstrip("-").isdigit() else None,
         markers=markers,
         marker_lines=lines,
         sections=sections,
         timed_out=timed_out,
         aborted=aborted[0] if aborted else None,
+        error=error,
         duration=time.monotonic() - t0,
         command=cmd,
     )

@@ -1,0 +1,196 @@
+"""A ppc64le pseries guest (TCG) drives a vfiod NVMe function through the PE's TCE windows.
+
+QEMU 11.1 aborts when vfio-user-pci is on a pseries command line, so run_guest starts the
+machine paused and adds the device over QMP in prelaunch (lab.md). The daemon's PHB uses the
+"power8" window policy: the 32-bit window at 0 and the 64-bit window at 0x0800000000000000.
+
+* DDW on (QEMU's default): the nvme driver asks for a dynamic DMA window, gets the 64-bit window
+  and maps all guest RAM into it once (16 MiB TCEs), so I/O needs no further DMA_MAP.
+* DDW off: the guest stays in its 32-bit window, every 4 KiB TCE it puts is one synchronous
+  DMA_MAP (and one DMA_UNMAP when freed).
+
+In both, the guest writes a pattern with O_DIRECT, reads it back, and the namespace's backing
+file must hold exactly the pattern. Every DMA_MAP/DMA_UNMAP the session hands its PeDma is
+recorded, to check where the guest's mappings landed; the summary line (pytest -s) has the
+timings, including the boot-time clear of the guest's default window (262,144 4 KiB
+DMA_UNMAPs of never-mapped ranges, answered with success).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfiod import config
+from vfiod.daemon import Daemon
+from vfiod.qemu import GuestResult, QemuNotProvisioned, guest_image, qemu_binary, run_guest
+from vfiod.server.pe_dma import PeDma
+
+PATTERN_BYTES = 4 << 20
+NS_SIZE = 64 << 20
+MEMORY_MB = 1024
+DMA64_START = 0x0800000000000000
+DMA32_END = 2 << 30
+GUEST_TIMEOUT = 600.0
+
+GUEST_IO = r"""
+dev=/dev/nvme0n1
+[ -b $dev ] || { echo "@@VFIOD error=no-nvme-disk"; dmesg | tail -n 40; exit 1; }
+direct=$(dmesg | sed -n 's/.*nvme .*direct mapping: \([01]\).*/\1/p' | tail -n 1)
+echo "@@VFIOD direct=${direct:-none}"
+echo "@@BEGIN dma"
+dmesg | grep -E 'pe-dma-window|direct mapping' || true
+echo "@@END dma"
+cs() { tr -d . < /proc/uptime | cut -d' ' -f1; }  # guest uptime in centiseconds
+t0=$(cs)
+dd if=/pattern of=$dev bs=1M count=4 oflag=direct 2>/dev/null || echo "@@VFIOD error=write"
+t1=$(cs)
+dd if=$dev of=/back bs=1M count=4 iflag=direct 2>/dev/null || echo "@@VFIOD error=read"
+t2=$(cs)
+echo "@@VFIOD write_cs=$((t1 - t0)) read_cs=$((t2 - t1))"
+echo "@@VFIOD wrote=$(md5sum < /pattern | cut -d' ' -f1) read=$(md5sum < /back | cut -d' ' -f1)"
+"""
+
+
+@pytest.fixture
+def provisioned() -> None:
+    """QEMU and the ppc64le image (`make guest-images` builds it); a failure, never a skip."""
+    try:
+        qemu_binary("ppc64le")
+        guest_image("ppc64le")
+    except QemuNotProvisioned as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@dataclass
+class DmaRecorder:
+    """Every DMA_MAP/DMA_UNMAP that reached a PeDma, and the 64-bit window if one appeared."""
+
+    t0: float = field(default_factory=time.monotonic)
+    maps: list[tuple[int, int, int]] = field(default_factory=list)  # (iova, size, file offset)
+    policies: set[str] = field(default_factory=set)
+    unmaps: int = 0
+    clear_unmaps: int = 0  # unmaps before the first map: the guest clearing its default window
+    clear_start: float | None = None
+    clear_end: float | None = None
+    window64: tuple[int, int] | None = None  # (start, size) of slot 1, largest seen
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_map, real_unmap = PeDma.map, PeDma.unmap
+        rec = self
+
+        def map_(dma: PeDma, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None:
+            rec.maps.append((iova, size, offset))
+            rec.policies.add(dma.policy)
+            real_map(dma, iova, size, offset, prot, fd)
+            w = dma.window(1)
+            if w is not None and (rec.window64 is None or w.size > rec.window64[1]):
+                rec.window64 = (w.start, w.size)
+
+        def unmap(dma: PeDma, iova: int, size: int) -> int:
+            rec.unmaps += 1
+            if not rec.maps:
+                now = time.monotonic()
+                rec.clear_start = rec.clear_start or now
+                rec.clear_end = now
+                rec.clear_unmaps += 1
+            return real_unmap(dma, iova, size)
+
+        monkeypatch.setattr(PeDma, "map", map_)
+        monkeypatch.setattr(PeDma, "unmap", unmap)
+
+    def summary(self) -> str:
+        clear = 0.0
+        if self.clear_start is not None and self.clear_end is not None:
+            clear = self.clear_end - self.clear_start
+        per = clear / self.clear_unmaps * 1e6 if self.clear_unmaps else 0.0
+        win = f"{self.window64[0]:#x}+{self.window64[1]:#x}" if self.window64 else "none"
+        return (f"{len(self.maps)} DMA_MAPs, {self.unmaps} DMA_UNMAPs; boot clear "
+                f"{self.clear_unmaps} unmaps in {clear:.1f} s ({per:.0f} us each); "
+                f"64-bit window {win}")
+
+
+def power8_config(tmp_path: Path) -> config.Config:
+    text = (
+        '[[phb]]\nindex = 0\nwindow_policy = "power8"\n'
+        f'[[function]]\nname = "nvme0"\npersonality = "nvme"\n'
+        f'backing = "{tmp_path / "nvme0.img"}"\nsize = "{NS_SIZE}"\n'
+    )
+    parsed = config.parse(text, "test")
+    return config.Config(tmp_path, parsed.functions, phbs=parsed.phbs)
+
+
+async def run_pseries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_args: list[str], label: str
+) -> tuple[GuestResult, DmaRecorder]:
+    """Boot the pseries guest on one nvme function, check the data end to end."""
+    rec = DmaRecorder()
+    rec.install(monkeypatch)
+    daemon = Daemon(power8_config(tmp_path))
+    ep = daemon.endpoints[0]
+    pattern = os.urandom(PATTERN_BYTES)
+    t0 = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        res = await run_guest(
+            "ppc64le", GUEST_IO, [str(ep.path)], memory_mb=MEMORY_MB, timeout=GUEST_TIMEOUT,
+            files={"/pattern": pattern}, extra_args=extra_args,
+        )  # fmt: skip
+        nursery.cancel_scope.cancel()
+    elapsed = time.monotonic() - t0
+    print(f"\npseries {label}: guest {res.duration:.1f} s (test {elapsed:.1f} s); {rec.summary()}")
+    dd = f"dd write {res.markers.get('write_cs')} cs, read {res.markers.get('read_cs')} cs"
+    print(f"  {dd} (guest clock, {PATTERN_BYTES >> 20} MiB each)")
+
+    res.check()
+    assert "error" not in res.markers, res.tail()
+    digest = hashlib.md5(pattern).hexdigest()
+    assert res.markers["wrote"] == digest and res.markers["read"] == digest, res.tail()
+    data = (tmp_path / "nvme0.img").read_bytes()
+    assert len(data) == NS_SIZE
+    assert data[:PATTERN_BYTES] == pattern, "backing file differs from the guest's pattern"
+    assert data[PATTERN_BYTES:].count(0) == NS_SIZE - PATTERN_BYTES, "stray writes"
+    assert ep.sessions_total == 1 and ep.errors_total == 0, res.tail()
+    assert not daemon.host.clients  # the client's locked memory was released
+    assert rec.policies == {"power8"}
+    return res, rec
+
+
+@pytest.mark.qemu
+async def test_pseries_ddw_maps_all_ram_in_the_64bit_window(
+    provisioned: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res, rec = await run_pseries(tmp_path, monkeypatch, [], "DDW")
+    # The guest created a DDW: our 64-bit window at 2^59 exists and holds all of guest RAM,
+    # direct-mapped (bus address 2^59 + x is guest physical x = memfd offset x).
+    assert res.markers.get("direct") == "1", res.sections.get("dma")
+    assert rec.window64 is not None and rec.window64[0] == DMA64_START, rec.summary()
+    assert rec.window64[1] >= MEMORY_MB << 20
+    assert rec.maps and all(iova >= DMA64_START for iova, _, _ in rec.maps), rec.summary()
+    assert all(iova - DMA64_START == offset for iova, _, offset in rec.maps)
+    covered = sorted((iova, iova + size) for iova, size, _ in rec.maps)
+    pos = DMA64_START
+    for start, end in covered:
+        assert start == pos, f"hole or overlap at {pos:#x}: {covered}"
+        pos = end
+    assert pos == DMA64_START + (MEMORY_MB << 20), "not all of guest RAM was mapped"
+
+
+@pytest.mark.qemu
+async def test_pseries_32bit_window_maps_per_tce(
+    provisioned: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ["-global", "spapr-pci-host-bridge.ddw=off"]
+    res, rec = await run_pseries(tmp_path, monkeypatch, extra, "32-bit window (ddw=off)")
+    assert res.markers.get("direct") == "0", res.sections.get("dma")
+    assert rec.window64 is None, rec.summary()
+    # One synchronous 4 KiB DMA_MAP per guest TCE, all inside the 32-bit window, and at
+    # least one per page of the pattern for the write and again for the read.
+    assert all(size == 4096 and iova + size <= DMA32_END for iova, size, _ in rec.maps)
+    assert len(rec.maps) >= 2 * PATTERN_BYTES // 4096, rec.summary()
