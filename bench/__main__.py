@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import guest_bench, nvme_bench, spapr_bench, vfio_user_bench
+from bench import guest_bench, nvme_bench, protocol_bench, spapr_bench, vfio_user_bench
 from bench.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info()}
     print("vfio-user round trips (daemon process vs AF_UNIX echo floor)...", flush=True)
     results["vfio_user"] = vfio_user_bench.run(n=n, pairs=n)
+    print("vfio-user wire layer per message (sans-I/O)...", flush=True)
+    results["protocol"] = protocol_bench.run()
     print("sPAPR TCE fast path (cffi vs Python twin)...", flush=True)
     results["spapr_tce"] = spapr_bench.run(min_time=0.1 if args.quick else 0.5)
     print("NVMe data path in-process (zero-copy vs copy)...", flush=True)

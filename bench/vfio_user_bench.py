@@ -138,4 +138,5 @@ def run(n: int = 20000, pairs: int = 20000) -> dict[str, object]:
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(int(os.environ.get("N", "20000"))), indent=2))
+    n = int(os.environ.get("N", "20000"))
+    print(json.dumps(run(n, pairs=n), indent=2))

@@ -10,6 +10,7 @@ absolute stream offsets, which makes the attribution independent of how the byte
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -40,13 +41,31 @@ class ReceiveBuffer:
             return None
         return bytes(self._data[:n])
 
-    def take(self, n: int) -> tuple[bytes, tuple[int, ...]]:
-        """Remove `n` bytes (all must be buffered) and the fds that arrived with them."""
-        if len(self._data) < n:
+    def unpack_head(self, st: struct.Struct) -> tuple[int, ...] | None:
+        """`st` unpacked from the front without copying, or None if fewer bytes are buffered."""
+        if len(self._data) < st.size:
+            return None
+        return st.unpack_from(self._data)
+
+    def take(self, n: int, skip: int = 0) -> tuple[bytes, tuple[int, ...]]:
+        """Remove `n` bytes (all must be buffered) and the fds that arrived with them.
+
+        Returns the bytes after the first `skip` (a message without its header, in one copy).
+        Removing from the front of a bytearray is O(1) in CPython (it moves its start), so a
+        chunk of many messages is not copied again for each message taken off it.
+        """
+        data = self._data
+        if len(data) < n:
             raise ValueError("not enough data buffered")
-        chunk = bytes(self._data[:n])
-        del self._data[:n]
+        if n - skip < 4096:
+            chunk = bytes(data[skip:n])  # two small copies beat a memoryview's setup
+        else:
+            with memoryview(data) as view, view[skip:n] as part:
+                chunk = bytes(part)
+        del data[:n]
         self._start += n
+        if not self._marks:
+            return chunk, ()
         fds: list[int] = []
         while self._marks and self._marks[0][0] < self._start:
             fds.extend(self._marks.popleft()[1])

@@ -28,18 +28,16 @@ Policy choices (documented here because the spec leaves them open):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import errno as E
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Final, Literal, NoReturn
+from collections.abc import Sequence
+from typing import Final, Literal, NamedTuple, NoReturn
 
 from .buffer import ReceiveBuffer
-from .codec import Codec, Kind, Malformed
+from .codec import Codec, Malformed
 from .constants import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     HEADER_SIZE,
@@ -90,6 +88,9 @@ class Sentinel(enum.Enum):
 
 NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
+_READY: Final = State.READY
+_ERROR: Final = State.ERROR
+_CLOSED: Final = State.CLOSED
 
 
 class _Step(enum.Enum):
@@ -124,30 +125,46 @@ ALLOWED_REQUESTS: Final = {
 }
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """What to write: send `data` with `fds` attached to its first byte (one sendmsg)."""
+class Outgoing(NamedTuple):
+    """What to write: send `data` with `fds` attached to its first byte (one sendmsg).
+
+    A NamedTuple rather than a frozen dataclass: it is built once per message sent.
+    """
 
     data: bytes
     fds: tuple[int, ...] = ()
     msg_id: int = 0
 
 
-@dataclass(frozen=True)
 class _Pending:
     """A request awaiting its reply, and the largest reply its sender can take (spec §7.1)."""
 
-    msg_id: int
-    command: int
-    request: Event
-    reply_limit: int
+    __slots__ = ("msg_id", "command", "request", "reply_limit")
+
+    def __init__(self, msg_id: int, command: int, request: Event, reply_limit: int) -> None:
+        self.msg_id = msg_id
+        self.command = command
+        self.request = request
+        self.reply_limit = reply_limit
+
+
+# Plain ints for the hot path: IntFlag/IntEnum arithmetic and Command(n) run Python code.
+_REPLY: Final = int(MsgFlag.REPLY)
+_TYPE_MASK: Final = int(MsgFlag.TYPE_MASK)
+_NO_REPLY: Final = int(MsgFlag.NO_REPLY)
+_ERROR_FLAG: Final = int(MsgFlag.ERROR)
+_VERSION: Final = int(Command.VERSION)
+_REGION_INFO: Final = int(Command.DEVICE_GET_REGION_INFO)
+_COUNTED_READS: Final = frozenset({int(Command.REGION_READ), int(Command.DMA_READ)})
+#: Requests whose replies _check_reply looks at.
+_CHECKED: Final = _COUNTED_READS | {_VERSION}
 
 
 def _reply_limit(command: int, request: Event, request_size: int) -> int:
     """QEMU reads a reply into the request's buffer; these are its sizes (spec §1.1, §7.1)."""
-    if isinstance(request, DeviceGetRegionInfo):
+    if command == _REGION_INFO and isinstance(request, DeviceGetRegionInfo):
         return HEADER_SIZE + request.argsz
-    if isinstance(request, RegionRead | DmaRead):
+    if command in _COUNTED_READS and isinstance(request, RegionRead | DmaRead):
         return 32 + request.count
     return request_size
 
@@ -201,18 +218,38 @@ class Connection:
         self.byteorder = byteorder
         self.state = State.START
         self._codec = Codec(byteorder)
+        self._header = self._codec.header_struct
         self._buffer = ReceiveBuffer()
         self._inbound: deque[_Pending] = deque()  # received requests awaiting our reply
         self._outbound: dict[int, _Pending] = {}  # our requests awaiting their reply
         self._next_id = 0
+        # Hot path, resolved once: in READY, the requests the peer may send, by plain int
+        # command, to their compiled decoders (everything else takes the checked slow path).
+        peer = SENDS[Role.SERVER if role is Role.CLIENT else Role.CLIENT]
+        decoders = self._codec.decoders["request"]
+        self._ready_decoders = {
+            int(c): decoders[int(c)] for c in peer & ALLOWED_REQUESTS[State.READY]
+        }
+        self._reply_decoders = self._codec.decoders["reply"]
+        self._request_encoders = self._codec.encoders["request"]
+        self._reply_encoders = self._codec.encoders["reply"]
 
     # --- limits and ids --------------------------------------------------------------------------
 
     @property
+    def max_data_xfer_size(self) -> int:
+        return self._max_data_xfer_size
+
+    @max_data_xfer_size.setter
+    def max_data_xfer_size(self, value: int) -> None:
+        self._max_data_xfer_size = value
+        multi = 8 + WRITE_MULTI_MAX_ENTRIES * WRITE_MULTI_ENTRY_SIZE
+        self._max_message_size = max(value, multi) + MESSAGE_OVERHEAD
+
+    @property
     def max_message_size(self) -> int:
         """Largest acceptable incoming message; anything bigger is fatal (body not skippable)."""
-        multi = 8 + WRITE_MULTI_MAX_ENTRIES * WRITE_MULTI_ENTRY_SIZE
-        return max(self.max_data_xfer_size, multi) + MESSAGE_OVERHEAD
+        return self._max_message_size
 
     @property
     def pending_requests(self) -> tuple[int, ...]:
@@ -253,23 +290,44 @@ class Connection:
 
     def next_event(self) -> Event | Sentinel:
         """The next event, NEED_DATA, or CLOSED; raises RemoteProtocolError if fatal."""
-        if self.state is State.ERROR:
-            raise RemoteProtocolError("connection already failed")
-        if self.state is State.CLOSED:
-            return CLOSED
-        raw = self._buffer.peek(HEADER_SIZE)
-        if raw is None:
+        state = self.state
+        if state is not _READY:
+            if state is _ERROR:
+                raise RemoteProtocolError("connection already failed")
+            if state is _CLOSED:
+                return CLOSED
+        buffer = self._buffer
+        hdr = buffer.unpack_head(self._header)
+        if hdr is None:
             return self._starved()
-        hdr = self._codec.parse_header(raw)
-        size = hdr["size"]
+        msg_id, command, size, flags, error = hdr
         if size < HEADER_SIZE:
             self._fail(f"message size {size} is below the header size")
-        if size > self.max_message_size:
-            self._fail(f"message size {size} exceeds {self.max_message_size}")
-        if len(self._buffer) < size:
+        if size > self._max_message_size:
+            self._fail(f"message size {size} exceeds {self._max_message_size}")
+        if len(buffer) < size:
             return self._starved()
-        message, fds = self._buffer.take(size)
-        return self._interpret(hdr, message[HEADER_SIZE:], fds)
+        body, fds = buffer.take(size, HEADER_SIZE)
+        # Fast path: a request the peer may send now, REQUEST type with at most NO_REPLY set.
+        if state is _READY and not flags & ~_NO_REPLY:
+            decode = self._ready_decoders.get(command)
+            if decode is not None:
+                no_reply = flags != 0
+                try:
+                    ev = decode(body, fds, self._max_data_xfer_size, self.max_msg_fds,
+                                msg_id, no_reply)
+                except Malformed as exc:
+                    ev = BadMessage(msg_id, command, exc.errno, exc.reason, fds, no_reply)
+                    if not no_reply:
+                        self._inbound.append(_Pending(msg_id, command, ev, size))
+                    return ev
+                if not no_reply:
+                    self._inbound.append(_Pending(msg_id, command, ev,
+                                                  _reply_limit(command, ev, size)))
+                return ev
+        if flags & _TYPE_MASK == _REPLY:
+            return self._interpret_reply(msg_id, command, flags, error, body, fds)
+        return self._interpret(msg_id, command, flags, body, fds)
 
     def _starved(self) -> Sentinel:
         if not self._buffer.eof:
@@ -284,12 +342,11 @@ class Connection:
         self.state = State.ERROR
         raise RemoteProtocolError(reason, fds)
 
-    def _interpret(self, hdr: dict[str, int], body: bytes, fds: tuple[int, ...]) -> Event:
-        msg_id, command, flags = hdr["msg_id"], hdr["command"], hdr["flags"]
-        msg_type = flags & MsgFlag.TYPE_MASK
-        if msg_type == MsgFlag.REPLY:
-            return self._interpret_reply(hdr, body, fds)
-        no_reply = bool(flags & MsgFlag.NO_REPLY)
+    def _interpret(self, msg_id: int, command: int, flags: int, body: bytes,
+                   fds: tuple[int, ...]) -> Event:
+        """A request off the fast path: every rule checked in turn, for the right errno."""
+        msg_type = flags & _TYPE_MASK
+        no_reply = bool(flags & _NO_REPLY)
         request_size = HEADER_SIZE + len(body)
 
         def bad(errno: int, reason: str) -> BadMessage:
@@ -300,7 +357,7 @@ class Connection:
 
         if msg_type != MsgFlag.REQUEST:
             return bad(E.EINVAL, f"unknown message type {msg_type}")
-        if flags & MsgFlag.ERROR:
+        if flags & _ERROR_FLAG:
             return bad(E.EINVAL, "ERROR flag on a request")
         try:
             cmd = Command(command)
@@ -315,49 +372,48 @@ class Connection:
         if cmd is Command.VERSION and no_reply:
             return bad(E.EINVAL, "VERSION with NO_REPLY")
         try:
-            ev = self._decode("request", cmd, body, fds, msg_id=msg_id, no_reply=no_reply)
+            ev = self._codec.decoders["request"][command](
+                body, fds, self._max_data_xfer_size, self.max_msg_fds, msg_id, no_reply)
             if isinstance(ev, Version) and ev.major != PROTOCOL_MAJOR:
                 raise Malformed(E.EINVAL, f"unsupported major version {ev.major}")
         except Malformed as exc:
             return bad(exc.errno, exc.reason)
         if not no_reply:
-            limit = _reply_limit(cmd, ev, request_size)
-            self._inbound.append(_Pending(msg_id, cmd, ev, limit))
+            limit = _reply_limit(command, ev, request_size)
+            self._inbound.append(_Pending(msg_id, command, ev, limit))
         if cmd is Command.VERSION:
             self._step(_Step.VERSION_REQUESTED)
         return ev
 
-    def _interpret_reply(self, hdr: dict[str, int], body: bytes, fds: tuple[int, ...]) -> Event:
-        msg_id, flags = hdr["msg_id"], hdr["flags"]
+    def _interpret_reply(self, msg_id: int, header_command: int, flags: int, error: int,
+                         body: bytes, fds: tuple[int, ...]) -> Event:
         pending = self._outbound.pop(msg_id, None)
         if pending is None:
-            return BadMessage(msg_id, hdr["command"], E.EINVAL, "unexpected reply", fds, True)
+            return BadMessage(msg_id, header_command, E.EINVAL, "unexpected reply", fds, True)
         command = pending.command
         ev: Event
         try:
             if HEADER_SIZE + len(body) > pending.reply_limit:
                 raise Malformed(E.EINVAL, f"reply larger than the {pending.reply_limit} asked")
-            if flags & MsgFlag.ERROR:
+            if flags & _ERROR_FLAG:
                 if body or fds:
                     raise Malformed(E.EINVAL, "error reply with a body or fds")
-                if hdr["error"] <= 0:
+                if error <= 0:
                     raise Malformed(E.EINVAL, "error reply without an errno")
-                ev = ErrorReply(msg_id, command, hdr["error"])
+                ev = ErrorReply(msg_id, command, error)
             else:
-                ev = self._decode("reply", Command(command), body, fds, msg_id=msg_id)
-                if (reason := _check_reply(pending.request, ev)) is not None:
+                ev = self._reply_decoders[command](body, fds, self._max_data_xfer_size,
+                                                   self.max_msg_fds, msg_id, False)
+                if command in _CHECKED and (
+                    reason := _check_reply(pending.request, ev)
+                ) is not None:
                     raise Malformed(E.EINVAL, reason)
         except Malformed as exc:
             ev = BadMessage(msg_id, command, exc.errno, exc.reason, fds, True)
-        if command == Command.VERSION:
+        if command == _VERSION:
             accepted = isinstance(ev, VersionReply)
             self._step(_Step.VERSION_ACCEPTED if accepted else _Step.VERSION_REFUSED)
         return ev
-
-    def _decode(self, kind: Kind, cmd: Command, body: bytes, fds: tuple[int, ...],
-                **ids: int | bool) -> Event:
-        return self._codec.decode(kind, cmd, body, fds, self.max_data_xfer_size,
-                                  self.max_msg_fds, **ids)
 
     def _step(self, step: _Step) -> None:
         self.state = TRANSITIONS.get((self.state, step), self.state)
@@ -366,12 +422,13 @@ class Connection:
 
     def send(self, event: Event) -> Outgoing:
         """Encode `event`; raises LocalProtocolError (and changes nothing) if not allowed now."""
-        if self.state in (State.ERROR, State.CLOSED):
-            raise LocalProtocolError(f"cannot send in state {self.state.name}")
-        if isinstance(event, Request):
-            return self._send_request(event)
+        state = self.state
+        if state is _ERROR or state is _CLOSED:
+            raise LocalProtocolError(f"cannot send in state {state.name}")
         if isinstance(event, Reply | ErrorReply):
             return self._send_reply(event)
+        if isinstance(event, Request):
+            return self._send_request(event)
         raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
 
     def _send_request(self, ev: Request) -> Outgoing:
@@ -380,79 +437,82 @@ class Connection:
             raise LocalProtocolError(f"a {self.role.value} does not send {cmd.name}")
         if cmd not in ALLOWED_REQUESTS.get(self.state, frozenset()):
             raise LocalProtocolError(f"{cmd.name} not allowed in state {self.state.name}")
-        if cmd is Command.VERSION and ev.no_reply:
+        no_reply = ev.no_reply
+        if no_reply and cmd == _VERSION:
             raise LocalProtocolError("VERSION needs a reply")
         if ev.msg_id is None:
             msg_id = self.next_msg_id()
         else:
             msg_id = ev.msg_id
-            if not ev.no_reply and msg_id in self._outbound:
+            if not no_reply and msg_id in self._outbound:
                 raise LocalProtocolError(f"msg_id {msg_id} is already pending")
-        flags = MsgFlag.REQUEST | (MsgFlag.NO_REPLY if ev.no_reply else 0)
-        data, fds = self._encode("request", ev, msg_id, flags)
-        if not ev.no_reply:
-            sent = dataclasses.replace(ev, msg_id=msg_id)
-            self._outbound[msg_id] = _Pending(msg_id, cmd, sent, _reply_limit(cmd, sent, len(data)))
-        if cmd is Command.VERSION:
+        try:
+            data, fds = self._request_encoders[cmd](
+                ev, msg_id, _NO_REPLY if no_reply else 0, self._max_data_xfer_size,
+                self.max_msg_fds)
+        except Malformed as exc:
+            raise LocalProtocolError(exc.reason) from None
+        if not no_reply:
+            # The pending entry keeps the event as given: only its fields that shape the
+            # reply (count, argsz, version) are read back, never its msg_id.
+            self._outbound[msg_id] = _Pending(msg_id, cmd, ev, _reply_limit(cmd, ev, len(data)))
+        if cmd == _VERSION:
             self._step(_Step.VERSION_REQUESTED)
         return Outgoing(data, fds, msg_id)
 
     def _send_reply(self, ev: Reply | ErrorReply) -> Outgoing:
-        if not self._inbound or self._inbound[0].msg_id != ev.msg_id:
-            owed = self._inbound[0].msg_id if self._inbound else None
+        inbound = self._inbound
+        if not inbound or inbound[0].msg_id != ev.msg_id:
+            owed = inbound[0].msg_id if inbound else None
             raise LocalProtocolError(
                 f"msg_id {ev.msg_id} is not the next request to answer (next: {owed})"
             )
-        pending = self._inbound[0]
-        if isinstance(ev, ErrorReply):
-            if ev.command is not None and ev.command != pending.command:
+        pending = inbound[0]
+        command = pending.command
+        fds: tuple[int, ...]
+        if type(ev) is ErrorReply:
+            if ev.command is not None and ev.command != command:
                 raise LocalProtocolError(f"error reply for command {ev.command}, "
-                                         f"request was {pending.command}")
+                                         f"request was {command}")
             if ev.errno <= 0:
                 raise LocalProtocolError("an error reply needs a positive errno")
-            with _ours():
-                data = self._codec.encode_error(ev.msg_id, pending.command, ev.errno)
-            fds: tuple[int, ...] = ()
+            try:
+                data = self._codec.encode_error(ev.msg_id, command, ev.errno)
+            except Malformed as exc:
+                raise LocalProtocolError(exc.reason) from None
+            fds = ()
         else:
-            if isinstance(pending.request, BadMessage) or ev.command != pending.command:
+            assert isinstance(ev, Reply)
+            request = pending.request
+            if type(request) is BadMessage or ev.command != command:
                 raise LocalProtocolError(
-                    f"{type(ev).__name__} cannot answer {type(pending.request).__name__}"
+                    f"{type(ev).__name__} cannot answer {type(request).__name__}"
                 )
-            if isinstance(ev, RegionInfoReply) and isinstance(pending.request,
-                                                             DeviceGetRegionInfo):
-                ev = truncate_region_info(ev, pending.request.argsz)
-            if (reason := _check_reply(pending.request, ev)) is not None:
+            if isinstance(ev, RegionInfoReply):
+                if isinstance(request, DeviceGetRegionInfo):
+                    ev = truncate_region_info(ev, request.argsz)
+                _check_region_info(ev)
+            if command in _CHECKED and (reason := _check_reply(request, ev)) is not None:
                 raise LocalProtocolError(reason)
-            data, fds = self._encode("reply", ev, ev.msg_id, MsgFlag.REPLY)
+            try:
+                data, fds = self._reply_encoders[command](
+                    ev, ev.msg_id, _REPLY, self._max_data_xfer_size, self.max_msg_fds)
+            except Malformed as exc:
+                raise LocalProtocolError(exc.reason) from None
             if len(data) > pending.reply_limit:
                 raise LocalProtocolError(
                     f"reply of {len(data)} bytes exceeds the peer's buffer of "
                     f"{pending.reply_limit} (spec §7.1)"
                 )
-        self._inbound.popleft()
-        if pending.command == Command.VERSION:
+        inbound.popleft()
+        if command == _VERSION:
             ok = isinstance(ev, VersionReply)
             self._step(_Step.VERSION_ACCEPTED if ok else _Step.VERSION_REFUSED)
         return Outgoing(data, fds, ev.msg_id)
 
-    def _encode(self, kind: Kind, ev: Request | Reply, msg_id: int,
-                flags: int) -> tuple[bytes, tuple[int, ...]]:
-        if isinstance(ev, RegionInfoReply) and ev.caps and not ev.flags & RegionFlag.CAPS:
-            raise LocalProtocolError("region-info caps without the CAPS flag")
-        if isinstance(ev, RegionInfoReply) and ev.caps and not (
-            REGION_INFO_SIZE <= ev.cap_offset < REGION_INFO_SIZE + len(ev.caps)
-        ):
-            raise LocalProtocolError(f"cap_offset {ev.cap_offset} does not point into the caps")
-        with _ours():
-            return self._codec.encode(kind, ev, msg_id, flags, self.max_data_xfer_size,
-                                      self.max_msg_fds)
 
-
-
-@contextlib.contextmanager
-def _ours() -> Iterator[None]:
-    """Codec rule violations while encoding are the caller's fault."""
-    try:
-        yield
-    except Malformed as exc:
-        raise LocalProtocolError(exc.reason) from None
+def _check_region_info(ev: RegionInfoReply) -> None:
+    if ev.caps and not ev.flags & RegionFlag.CAPS:
+        raise LocalProtocolError("region-info caps without the CAPS flag")
+    if ev.caps and not REGION_INFO_SIZE <= ev.cap_offset < REGION_INFO_SIZE + len(ev.caps):
+        raise LocalProtocolError(f"cap_offset {ev.cap_offset} does not point into the caps")

@@ -13,6 +13,13 @@ Tests and benchmarks drive functions with it, and a user can script a function w
 
 Requests can be pipelined: ``send()`` returns at once with the message id, ``reply()`` waits for
 it; ``request()`` does both. An error reply raises ``VfioUserError`` with its errno.
+
+Who reads the socket: a task waiting in ``reply()`` reads it itself when no other task is
+reading, so a request costs one trio wakeup instead of a hop through a receive task. A
+background task reads only while no one waits for a reply, to answer the server's DMA_READ and
+DMA_WRITE (and notice EOF); a requester that finds it asleep on the socket cancels that sleep
+and takes over. Whoever reads dispatches everything it received; answering the server's DMA
+requests is shielded from cancellation, so no reply to the server is lost half-way.
 """
 
 from __future__ import annotations
@@ -127,6 +134,10 @@ class Client:
         self._waiting: dict[int, trio.Event] = {}
         self._replies: dict[int, Event] = {}
         self._closed: BaseException | None = None
+        self._reading = False  # a task is receiving and dispatching
+        self._wanted = 0  # tasks inside reply(), which read for themselves
+        self._bg_scope: trio.CancelScope | None = None  # the receive task's sleep on the socket
+        self._bg_wakeup = trio.Event()
         self._dma: list[tuple[int, GuestMemory, int, int]] = []  # (iova, memory, offset, size)
         self.server_dma_requests = 0
 
@@ -144,11 +155,25 @@ class Client:
 
     async def reply(self, msg_id: int) -> Reply:
         """Wait for the reply to ``msg_id``; raises VfioUserError on an error reply."""
-        waiter = self._waiting.get(msg_id)
-        if waiter is None and msg_id not in self._replies:
+        if msg_id not in self._waiting and msg_id not in self._replies:
             raise KeyError(f"no request {msg_id} is pending")
-        if waiter is not None:
-            await waiter.wait()
+        self._wanted += 1
+        try:
+            while msg_id not in self._replies and self._closed is None:
+                if self._reading:
+                    # Another task reads: it sets our event when our reply comes, or when it
+                    # stops reading so that we take over.
+                    waiter = self._waiting[msg_id] = trio.Event()
+                    await waiter.wait()
+                    continue
+                if self._bg_scope is not None:
+                    self._bg_scope.cancel()  # frees the socket for us at once
+                    self._bg_scope = None
+                await self._pump()
+        finally:
+            self._wanted -= 1
+            if not self._wanted:
+                self._bg_wakeup.set()
         self._waiting.pop(msg_id, None)
         ev = self._replies.pop(msg_id, None)
         if ev is None:
@@ -161,8 +186,12 @@ class Client:
     async def request(self, request: Request) -> Reply:
         return await self.reply(await self.send(request))
 
-    async def _receive_loop(self) -> None:
+    async def _pump(self) -> None:
+        """Receive one chunk and dispatch every event in it (the caller may read now)."""
+        self._reading = True
         try:
+            data, fds = await self.channel.receive()
+            self.conn.receive_data(data, fds)
             while True:
                 try:
                     ev = self.conn.next_event()
@@ -170,23 +199,54 @@ class Client:
                     close_fds(exc.fds)
                     raise
                 if ev is NEED_DATA:
-                    data, fds = await self.channel.receive()
-                    self.conn.receive_data(data, fds)
-                    continue
+                    return
                 if ev is CLOSED:
                     raise ConnectionError("server closed the connection")
                 await self._dispatch(ev)
         except (ConnectionError, OSError, RemoteProtocolError, trio.ClosedResourceError) as exc:
-            self._closed = exc
+            self._close(exc)
         finally:
-            if self._closed is None:
-                self._closed = ConnectionError("client closed")
-            for waiter in self._waiting.values():
+            self._reading = False
+            for waiter in self._waiting.values():  # the next reader, or the one answered
                 waiter.set()
+            if not self._wanted:
+                self._bg_wakeup.set()
+
+    def _close(self, exc: BaseException) -> None:
+        if self._closed is None:
+            self._closed = exc
+        for waiter in self._waiting.values():
+            waiter.set()
+        self._bg_wakeup.set()
+
+    async def _receive_loop(self) -> None:
+        """Read while no requester does: the server's own requests, and EOF."""
+        try:
+            while self._closed is None:
+                if self._reading or self._wanted:
+                    self._bg_wakeup = trio.Event()
+                    await self._bg_wakeup.wait()
+                    continue
+                with trio.CancelScope() as scope:
+                    self._bg_scope = scope
+                    try:
+                        await self.channel.wait_readable()
+                    finally:
+                        if self._bg_scope is scope:
+                            self._bg_scope = None
+                if scope.cancelled_caught or self._reading or self._wanted:
+                    continue  # a requester took the socket over
+                await self._pump()
+        except (OSError, trio.ClosedResourceError) as exc:
+            self._close(exc)
+        finally:
+            self._close(ConnectionError("client closed"))
 
     async def _dispatch(self, ev: Event) -> None:
         if isinstance(ev, DmaRead | DmaWrite):
-            await self._serve_dma(ev)
+            # the only await while dispatching: shielded, so a reply is never half-sent
+            with trio.CancelScope(shield=True):
+                await self._serve_dma(ev)
             return
         if isinstance(ev, BadMessage):
             close_fds(ev.fds)

@@ -71,6 +71,9 @@ MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MSG_FDS = 16
 #: How long a refused second client gets to say VERSION before it is simply closed.
 REFUSAL_GRACE = 2.0
+#: Replies are sent at least every this many messages of a pipelined burst, so a long burst
+#: neither waits for its end nor keeps the other sessions from running.
+MAX_BATCH = 64
 
 
 class SessionEnded(Exception):
@@ -135,27 +138,68 @@ class Session:
                 self._on_closed()
 
     async def _serve(self) -> None:
+        conn = self.conn
+        channel = self.channel
         while True:
+            replies: list[Outgoing] = []
             try:
-                event = self.conn.next_event()
+                status = self._process(replies)
+            except SessionEnded:
+                await self._send_replies(replies)  # what was answered before the breach
+                raise
+            await self._send_replies(replies)
+            if status is CLOSED:
+                return
+            if status is NEED_DATA:
+                data, fds = await channel.receive()
+                if channel.fds_truncated:
+                    close_fds(fds)
+                    raise SessionEnded("sent more fds than any message may carry")
+                conn.receive_data(data, fds)
+
+    def _process(self, replies: list[Outgoing]) -> object:
+        """Handle every message already received (up to MAX_BATCH), queueing the replies.
+
+        Returns NEED_DATA, CLOSED, or None when the batch is full and more may be buffered.
+        Handlers are synchronous, so a pipelined burst (QEMU's DMA_MAPs) is answered with one
+        send instead of one per message.
+        """
+        conn = self.conn
+        handle = self._handle
+        for _ in range(MAX_BATCH):
+            try:
+                event = conn.next_event()
             except RemoteProtocolError as exc:
                 close_fds(exc.fds)
                 raise SessionEnded(f"broken stream: {exc}") from None
-            if event is NEED_DATA:
-                data, fds = await self.channel.receive()
-                if self.channel.fds_truncated:
-                    close_fds(fds)
-                    raise SessionEnded("sent more fds than any message may carry")
-                self.conn.receive_data(data, fds)
-                continue
-            if event is CLOSED:
-                return
+            if event is NEED_DATA or event is CLOSED:
+                return event
             assert isinstance(event, Event)
             self.messages += 1
-            reply = self._handle(event)
+            reply = handle(event)
             if reply is not None:
-                out = self._encode_reply(event, reply)
-                await self.channel.send(out.data, out.fds)
+                replies.append(self._encode_reply(event, reply))
+        return None
+
+    async def _send_replies(self, replies: list[Outgoing]) -> None:
+        """Send queued replies in order: concatenated, a new send where one carries fds (they
+        must ride with their own message's first byte)."""
+        if not replies:
+            return
+        send = self.channel.send
+        if len(replies) == 1:
+            await send(replies[0].data, replies[0].fds)
+            return
+        parts: list[bytes] = []
+        fds: tuple[int, ...] = ()
+        for out in replies:
+            if out.fds and parts:
+                await send(b"".join(parts), fds)
+                parts = []
+            if not parts:
+                fds = out.fds
+            parts.append(out.data)
+        await send(b"".join(parts), fds)
 
     def _encode_reply(self, request: Event, reply: Reply | ErrorReply) -> Outgoing:
         """Encode a reply; one that cannot fit the peer's buffer degrades instead of crashing."""
