@@ -94,6 +94,12 @@ class Session:
         self.channel = channel
         self.name = name
         self.peer = peer
+        #: what every log line of this session says it is about (vfiod.logs)
+        self.log_context: dict[str, object] = {
+            "function": name,
+            "client": peer.pid if peer else None,
+            "uid": peer.uid if peer else None,
+        }
         self.conn = Connection(
             Role.SERVER, max_data_xfer_size=MAX_DATA_XFER_SIZE, max_msg_fds=MAX_MSG_FDS
         )
@@ -110,7 +116,12 @@ class Session:
             self.dma = self._dma_factory()
         except OSError as exc:
             # e.g. the client's locked-memory limit cannot even hold the PE's TCE table
-            log.warning("function %s: cannot set up DMA for the client: %s", self.name, exc)
+            log.warning(
+                "function %s: cannot set up DMA for the client: %s",
+                self.name,
+                exc,
+                extra=self.log_context,
+            )
             try:
                 await refuse(self.channel, self.name, exc.errno or errno.ENOMEM)
             finally:
@@ -123,9 +134,16 @@ class Session:
                 try:
                     await self._serve()
                 except SessionEnded as exc:
-                    log.warning("function %s: closing the client: %s", self.name, exc)
+                    log.warning(
+                        "function %s: closing the client: %s",
+                        self.name,
+                        exc,
+                        extra=self.log_context,
+                    )
                 except OSError as exc:
-                    log.info("function %s: connection lost: %s", self.name, exc)
+                    log.info(
+                        "function %s: connection lost: %s", self.name, exc, extra=self.log_context
+                    )
                 nursery.cancel_scope.cancel()
         finally:
             # The next client must find the function as a fresh VFIO open would: reset, its
@@ -209,13 +227,20 @@ class Session:
             if isinstance(reply, VersionReply):
                 # A client whose VERSION is shorter than our answer: state only what differs
                 # from the defaults QEMU assumes.
-                small = VersionReply(0, 0, {"capabilities": {"max_msg_fds": MAX_MSG_FDS}},
-                                     msg_id=reply.msg_id)
+                small = VersionReply(
+                    0, 0, {"capabilities": {"max_msg_fds": MAX_MSG_FDS}}, msg_id=reply.msg_id
+                )
                 try:
                     return self.conn.send(small)
                 except LocalProtocolError:
                     pass
-            log.info("function %s: cannot send %s: %s", self.name, type(reply).__name__, exc)
+            log.info(
+                "function %s: cannot send %s: %s",
+                self.name,
+                type(reply).__name__,
+                exc,
+                extra=self.log_context,
+            )
             return self.conn.send(ErrorReply(_id(request), None, errno.EINVAL))
 
     # -- dispatch ------------------------------------------------------------------------
@@ -224,7 +249,13 @@ class Session:
         if isinstance(ev, BadMessage):
             close_fds(ev.fds)
             self.errors += 1
-            log.info("function %s: bad message %d: %s", self.name, ev.command, ev.reason)
+            log.info(
+                "function %s: bad message %d: %s",
+                self.name,
+                ev.command,
+                ev.reason,
+                extra=self.log_context,
+            )
             if ev.reason == "unexpected reply":
                 raise SessionEnded("sent a reply to a request we never made")
             return None if ev.no_reply else ErrorReply(ev.msg_id, ev.command, ev.errno)
@@ -240,7 +271,13 @@ class Session:
         except OSError as exc:
             self.errors += 1
             err = exc.errno or errno.EIO
-            log.info("function %s: %s refused: %s", self.name, type(ev).__name__, exc)
+            log.info(
+                "function %s: %s refused: %s",
+                self.name,
+                type(ev).__name__,
+                exc,
+                extra=self.log_context,
+            )
             return None if no_reply else ErrorReply(msg_id, int(ev.command), err)
         return None if no_reply else reply
 
@@ -249,9 +286,7 @@ class Session:
             self.client_caps = Capabilities.from_json(ev.caps.get("capabilities", {}))
         except (ValueError, TypeError, AttributeError) as exc:
             raise OSError(errno.EINVAL, f"bad capabilities: {exc}") from None
-        caps = server_capabilities(
-            max_msg_fds=MAX_MSG_FDS, max_data_xfer_size=MAX_DATA_XFER_SIZE
-        )
+        caps = server_capabilities(max_msg_fds=MAX_MSG_FDS, max_data_xfer_size=MAX_DATA_XFER_SIZE)
         return VersionReply(0, 0, caps, msg_id=_id(ev))
 
     def _dma_map(self, ev: DmaMap) -> Reply:
