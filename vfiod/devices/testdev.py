@@ -47,7 +47,7 @@ from __future__ import annotations
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.dma import DmaFault
 from vfiod.pci.function import PciFunction
-from vfiod.pci.region import MemoryRegion, Region
+from vfiod.pci.region import DwordRegisters, MemoryRegion, Region
 
 TEST_VENDOR_ID = 0x7E57
 TEST_DEVICE_ID = 0x0001
@@ -99,7 +99,7 @@ _STORAGE = {REG_SCRATCH, REG_DMA_VECTOR, REG_DMA_LEN, REG_DMA_PATTERN}
 _STORAGE64 = {REG_DMA_SRC, REG_DMA_DST}
 
 
-class TestDevRegisters:
+class TestDevRegisters(DwordRegisters):
     """BAR0 register file; dword-based, with 64-bit SRC/DST/FAULT_ADDR as dword pairs."""
 
     def __init__(self, dev: TestDevice) -> None:
@@ -116,23 +116,6 @@ class TestDevRegisters:
         self.fault_addr = 0
 
     # ---- access plumbing ------------------------------------------------------------------
-
-    def read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return self.read(offset, 4) | (self.read(offset + 4, 4) << 32)
-        base = offset & ~3
-        shift = (offset & 3) * 8
-        return (self._read32(base) >> shift) & ((1 << (8 * size)) - 1)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size == 8:
-            self.write(offset, 4, value & 0xFFFFFFFF)
-            self.write(offset + 4, 4, value >> 32)
-            return
-        base = offset & ~3
-        shift = (offset & 3) * 8
-        mask = ((1 << (8 * size)) - 1) << shift
-        self._write32(base, (value << shift) & mask, mask)
 
     def _read32(self, reg: int) -> int:
         if reg == REG_ID:

@@ -71,6 +71,35 @@ class BytesHandler(Protocol):
 Handler = RegisterHandler | BytesHandler
 
 
+class DwordRegisters:
+    """A register file made of 32-bit registers: 1/2-byte accesses act on their bytes of the
+    dword, 8-byte accesses are two dwords (low first). Subclasses implement ``_read32`` and
+    ``_write32(reg, value, mask)`` (``mask``: the bits the access actually writes)."""
+
+    def read(self, offset: int, size: int) -> int:
+        if size == 8:
+            return self.read(offset, 4) | (self.read(offset + 4, 4) << 32)
+        base = offset & ~3
+        shift = (offset & 3) * 8
+        return (self._read32(base) >> shift) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self.write(offset, 4, value & 0xFFFFFFFF)
+            self.write(offset + 4, 4, value >> 32)
+            return
+        base = offset & ~3
+        shift = (offset & 3) * 8
+        mask = ((1 << (8 * size)) - 1) << shift
+        self._write32(base, (value << shift) & mask, mask)
+
+    def _read32(self, reg: int) -> int:
+        raise NotImplementedError
+
+    def _write32(self, reg: int, value: int, mask: int) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Window:
     """A handler mapped at ``offset..offset+size`` inside a region."""

@@ -177,7 +177,7 @@ from vfiod.metrics import Family, Histogram
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.dma import IOV_MAX, DmaFault, zero_copy
 from vfiod.pci.function import PciFunction
-from vfiod.pci.region import Region
+from vfiod.pci.region import DwordRegisters, Region
 
 log = logging.getLogger(__name__)
 
@@ -293,28 +293,17 @@ def _default_threshold(sensor: int, thsel: int) -> int:
     return 0
 
 
-class _Registers:
+class _Registers(DwordRegisters):
     """BAR0 0x0000-0x0FFF: controller registers as dwords (64-bit ones as pairs)."""
 
     def __init__(self, ctrl: NvmeController) -> None:
         self.ctrl = ctrl
 
-    def read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return self.read(offset, 4) | (self.read(offset + 4, 4) << 32)
-        base = offset & ~3
-        shift = (offset & 3) * 8
-        return (self.ctrl._reg_read32(base) >> shift) & ((1 << (8 * size)) - 1)
+    def _read32(self, reg: int) -> int:
+        return self.ctrl._reg_read32(reg)
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size == 8:
-            self.write(offset, 4, value & 0xFFFFFFFF)
-            self.write(offset + 4, 4, value >> 32)
-            return
-        base = offset & ~3
-        shift = (offset & 3) * 8
-        mask = ((1 << (8 * size)) - 1) << shift
-        self.ctrl._reg_write32(base, (value << shift) & mask, mask)
+    def _write32(self, reg: int, value: int, mask: int) -> None:
+        self.ctrl._reg_write32(reg, value, mask)
 
 
 class _Doorbells:
