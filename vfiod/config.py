@@ -79,6 +79,9 @@ class FunctionConfig:
     access: SocketAccess = SocketAccess()
     #: a PF's per-VF socket access (VF n uses entry n; missing entries inherit the PF's)
     vf_access: tuple[SocketAccess, ...] = ()
+    #: nvme PF: where VF n keeps its namespace ("{n}" is the VF number); default: next to the
+    #: PF's namespace as <stem>-vf<n><suffix>
+    vf_backing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def parse(text: str, source: str) -> Config:
             problems.append(f"{where}: must be a table")
             continue
         known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
-                      "vf_access", *ACCESS_KEYS}
+                      "vf_access", "vf_backing", *ACCESS_KEYS}
         for key in sorted(set(raw) - known_keys):
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
         name = raw.get("name")
@@ -231,6 +234,16 @@ def parse(text: str, source: str) -> Config:
         if not isinstance(numvfs, int) or isinstance(numvfs, bool) or not 0 <= numvfs <= totalvfs:
             problems.append(f"{where}.numvfs: an integer 0..totalvfs ({totalvfs}), got {numvfs!r}")
             continue
+        vf_backing = raw.get("vf_backing")
+        if vf_backing is not None and (
+            personality != "nvme"
+            or not isinstance(vf_backing, str)
+            or not vf_backing.startswith("/")
+            or "{n}" not in vf_backing
+        ):
+            problems.append(f"{where}.vf_backing: an absolute path with {{n}} for the VF number "
+                            f"(nvme PFs only), got {vf_backing!r}")
+            continue
         access = _parse_access(raw, where, problems)
         vf_access: list[SocketAccess] = []
         raw_vf_access = raw.get("vf_access", [])
@@ -248,7 +261,7 @@ def parse(text: str, source: str) -> Config:
         functions.append(
             FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
                            size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
-                           vf_access=tuple(vf_access))
+                           vf_access=tuple(vf_access), vf_backing=vf_backing)
         )
     names = {f.name for f in functions}
     for f in functions:

@@ -71,11 +71,13 @@ def vf_config(pf: FunctionConfig, n: int) -> FunctionConfig:
     """VF n of a PF: same personality and PHB; an NVMe VF gets its own namespace file next to
     the PF's (``<stem>-vf<n><suffix>``), of the PF's size."""
     backing = None
-    if pf.backing is not None:
+    if pf.vf_backing is not None:
+        backing = Path(pf.vf_backing.replace("{n}", str(n)))
+    elif pf.backing is not None:
         backing = pf.backing.with_name(f"{pf.backing.stem}-vf{n}{pf.backing.suffix}")
     access = pf.vf_access[n] if n < len(pf.vf_access) else pf.access
     return replace(pf, name=vf_name(pf.name, n), backing=backing, totalvfs=0, numvfs=0,
-                   access=access, vf_access=())
+                   access=access, vf_access=(), vf_backing=None)
 
 
 @dataclass

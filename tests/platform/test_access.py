@@ -79,3 +79,19 @@ def test_bad_access_settings_are_reported() -> None:
     text = "\n".join(info.value.problems)
     for key in ["socket_mode", "socket_owner", "socket_group", "allowed_uids"]:
         assert f"function[0].{key}" in text
+
+
+def test_vf_backing_template(tmp_path: Path) -> None:
+    from vfiod.host import vf_config
+
+    parsed = config.parse(
+        '[[function]]\nname = "pf"\npersonality = "nvme"\n'
+        f'backing = "{tmp_path}/pf.img"\nsize = "1M"\ntotalvfs = 2\n'
+        f'vf_backing = "{tmp_path}/vfs/ns{{n}}.raw"\n',
+        "t.toml",
+    )
+    assert vf_config(parsed.functions[0], 1).backing == tmp_path / "vfs" / "ns1.raw"
+    with pytest.raises(config.ConfigError) as info:
+        config.parse('[[function]]\nname = "t"\npersonality = "testdev"\n'
+                     'vf_backing = "/x/{n}"\n', "t.toml")
+    assert "function[0].vf_backing" in info.value.problems[0]
