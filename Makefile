@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # second clone or a second CI run on the same machine reuses them.
 export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
 
-.PHONY: venv run test test-fast qemu guest-images bench lint clean
+.PHONY: venv run test test-fast qemu guest-images systemd-image bench lint clean
 
 $(VENV)/.stamp: pyproject.toml setup.py cffi_build/build_tce.py cffi_build/tce.c
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ qemu:
 guest-images: qemu
 	GUEST_ARCHES="$${GUEST_ARCHES:-x86_64 ppc64le}" tools/build-guest-images.sh
 
-test: venv qemu guest-images
+# A Debian trixie guest whose init is systemd, for tests/systemd (the unit under a real
+# systemd; these machines do not run systemd as PID 1).
+systemd-image: qemu
+	tools/build-systemd-image.sh
+
+test: venv qemu guest-images systemd-image
 	$(PY) -m pytest -q
 
 # Everything that needs no QEMU (quick edit-test loop).
