@@ -86,7 +86,8 @@ async def _qemu_nvme_guest(arch: str, mib: int, small: int) -> dict[str, Any]:
         disk = Path(tmpdir) / "disk.img"
         with open(disk, "wb") as f:
             f.truncate(NS_SIZE)
-        extra = ("-drive", f"file={disk},if=none,id=d0,format=raw,cache=none",
+        # the same page-cache-backed file as vfiod's namespace, so the two are comparable
+        extra = ("-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback",
                  "-device", "nvme,drive=d0,serial=qemu-inprocess")
         res = await run_guest(arch, _script(mib, small), [],
                               memory_mb=1024, timeout=1800, extra_args=extra)
