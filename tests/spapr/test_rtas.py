@@ -78,9 +78,12 @@ def test_no_overlap_when_only_the_64bit_window_is_left(phb: spapr.Phb) -> None:
     assert (st, start) == (0, 0)  # QEMU would place it over the 2^59 window
 
 
-def test_rtas_refused_while_a_container_owns_the_pe(phb: spapr.Phb) -> None:
+def test_rtas_on_a_container_owned_pe_goes_to_the_container(phb: spapr.Phb) -> None:
+    # routing details: tests/spapr/test_rtas_vfio.py
     pe = phb.new_pe()
     c = spapr.Container(spapr.VFIO_SPAPR_TCE_v2_IOMMU)
     c.attach_group(pe.group)
-    assert phb.rtas_create_pe_dma_window(pe, 16, 32)[0] == RTAS_HW_ERROR
-    assert phb.rtas_reset_pe_dma_window(pe) == RTAS_HW_ERROR
+    assert phb.rtas_create_pe_dma_window(pe, 16, 32)[0] == RTAS_SUCCESS
+    assert c.windows[1] is pe.windows[1] is not None
+    assert phb.rtas_reset_pe_dma_window(pe) == RTAS_SUCCESS
+    assert c.windows[1] is None

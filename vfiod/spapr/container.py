@@ -27,7 +27,7 @@ from .constants import (
 from .memlock import Client, PreregRegion
 from .pe import IommuGroup, Pe
 from .phb import Phb
-from .tce import get_table_size
+from .tce import get_table_size, qemu_guess_levels
 from .window import Window
 
 _MAP_FLAGS = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE
@@ -291,8 +291,9 @@ class Container:
 
     # -- v2 windows --
     def _make_window(
-        self, mm: Client, phb: Phb, page_shift: int, window_size: int, levels: int
-    ) -> int:
+        self, mm: Client, phb: Phb, page_shift: int, window_size: int, levels: int,
+        default: bool = False,
+    ) -> int:  # fmt: skip
         try:
             num = self.windows.index(None)
         except ValueError:
@@ -307,7 +308,9 @@ class Container:
             raise _err(errno.EINVAL, "window does not fit the bus")
         pages = mm.pages(table_bytes)
         mm.account(pages)
-        w = phb.make_window(start, page_shift, window_size >> page_shift, levels=levels)
+        w = phb.make_window(
+            start, page_shift, window_size >> page_shift, levels=levels, default=default
+        )
         w.accounted = pages
         self.windows[num] = w
         for pe in self._pes():
@@ -318,7 +321,7 @@ class Container:
     def _create_pending(self, mm: Client) -> None:
         if self.def_window_pending:
             phb = self._need_phb()
-            self._make_window(mm, phb, SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1)
+            self._make_window(mm, phb, SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, default=True)
             self.def_window_pending = False
 
     def create_window(
@@ -359,6 +362,102 @@ class Container:
         self.windows[num] = None
         mm.unaccount(w.accounted)
         w.accounted = 0
+
+    # -- guest DDW RTAS routed to the host windows (QEMU hw/vfio/spapr.c) --
+    # The guest's create/remove/reset on a PE of this container become TCE_CREATE /
+    # TCE_REMOVE on the container, so accounting and table sharing stay the container's.
+    # Unlike the raw ioctls these are all-or-nothing: everything that could fail is checked
+    # (including the locked-memory charge) before anything changes.
+    def _guest_mm(self) -> Client:
+        """The client the guest's QEMU runs as (EPERM if the container is bound elsewhere)."""
+        if self.mm is not None and self.mm is not self.client:
+            raise _err(errno.EPERM, "container belongs to another process")
+        return self.client
+
+    @staticmethod
+    def _probe_charge(mm: Client, add_pages: int, release_pages: int) -> None:
+        """ENOMEM (and no change) if charging add_pages after releasing release_pages fails."""
+        delta = add_pages - release_pages
+        if delta > 0:
+            mm.account(delta)
+            mm.unaccount(delta)
+
+    def _default_pages(self, mm: Client, phb: Phb) -> int:
+        if not phb.dma32_size:
+            return 0
+        size = get_table_size(SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, phb.host_page_shift)
+        return mm.pages(size)
+
+    def guest_windows_available(self) -> int:
+        """Free window slots as the guest counts them (a pending default window is in use)."""
+        used = sum(1 for w in self.windows if w is not None) + int(self.def_window_pending)
+        return max(0, len(self.windows) - used)
+
+    def guest_create_window(self, page_shift: int, window_shift: int) -> tuple[int, int]:
+        """(slot, start) of a new host window for ibm,create-pe-dma-window; nothing on error.
+
+        Levels as QEMU first asks for them; slot and start are the platform's (slot 1: 2^59).
+        """
+        self._need_v2()
+        phb = self._need_phb()
+        mm = self._guest_mm()
+        size = 1 << window_shift
+        pending = self.def_window_pending
+        free = [i for i, w in enumerate(self.windows) if w is None and not (pending and i == 0)]
+        if not free:
+            raise _err(errno.ENOSPC, "both window slots are in use")
+        num = free[0]
+        start = phb.dma32_start if num == 0 else phb.dma64_start
+        if page_shift not in phb.page_shifts:
+            raise _err(errno.EINVAL, f"page shift {page_shift} not supported")
+        levels = qemu_guess_levels(page_shift, size, phb.host_page_shift)
+        table_bytes = get_table_size(page_shift, size, levels, phb.host_page_shift)
+        if table_bytes == 0 or start + size > 1 << 64:
+            raise _err(errno.EINVAL, "levels, window size or address bits refused")
+        busy = [(w.bus_offset, w.end) for w in self.windows if w is not None]
+        charge = mm.pages(table_bytes)
+        if pending:
+            busy.append((phb.dma32_start, phb.dma32_start + phb.dma32_size))
+            charge += self._default_pages(mm, phb)
+        if any(s < start + size and start < e for s, e in busy):
+            raise _err(errno.EINVAL, "window would overlap an active window")
+        self._probe_charge(mm, charge, 0)
+        got = self.create_window(page_shift, size, levels)
+        return num, got
+
+    def guest_remove_window(self, start: int) -> None:
+        """ibm,remove-pe-dma-window: TCE_REMOVE; removing the last non-default window
+        brings the default window back (QEMU >= 7.1), all or nothing."""
+        self._need_v2()
+        phb = self._need_phb()
+        mm = self._guest_mm()
+        if self.def_window_pending and start == phb.dma32_start:
+            self.remove_window(start)  # drops the pending default window, no charge
+            return
+        w = self._window_for(start)
+        if w is None:
+            raise _err(errno.EINVAL, f"no window at {start:#x}")
+        restore = not w.default and all(x is None or x is w for x in self.windows)
+        if restore:
+            self._probe_charge(mm, self._default_pages(mm, phb), w.accounted)
+        self.remove_window(w.bus_offset)
+        if restore and phb.dma32_size:
+            self._make_window(mm, phb, SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, default=True)
+
+    def guest_reset_windows(self) -> None:
+        """ibm,reset-pe-dma-window: every window removed, the default one back, all invalid."""
+        self._need_v2()
+        phb = self._need_phb()
+        mm = self._guest_mm()
+        release = sum(w.accounted for w in self.windows if w is not None)
+        self._probe_charge(mm, self._default_pages(mm, phb), release)
+        for w in list(self.windows):
+            if w is not None:
+                self.remove_window(w.bus_offset)
+        self.def_window_pending = False
+        if phb.dma32_size:
+            self._bind_mm(None)
+            self._make_window(mm, phb, SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, default=True)
 
     # -- MAP / UNMAP --
     def _dma_window(self, iova: int, size: int, mm: Client) -> Window:
