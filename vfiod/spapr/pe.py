@@ -144,7 +144,8 @@ class Pe:
             if w is None:
                 raise self._fault(iova, length, write, "no window")
             j = i + 1
-            while j < n and sg[j][1] > 0 and w.contains(sg[j][0]):
+            lo, hi = w.bus_offset, w.end  # hoisted: this loop runs once per PRP page
+            while j < n and sg[j][1] > 0 and lo <= sg[j][0] < hi:
                 j += 1
             try:
                 part = w.translate_raw(sg[i:j], write, mem)
