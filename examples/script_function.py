@@ -31,13 +31,8 @@ async def main(path: str) -> None:
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         trigger = SetIrqsFlag.DATA_EVENTFD | SetIrqsFlag.ACTION_TRIGGER
         await dev.set_irqs(IrqIndex.MSIX, trigger, 0, 1, [efd])
-        msix = 0  # find the MSI-X capability in the capability list
-        ptr = (await dev.config_read(0x34, 1))[0]
-        while ptr:
-            cap_id, nxt = await dev.config_read(ptr, 2)
-            if cap_id == 0x11:
-                msix = ptr
-            ptr = nxt
+        msix = await dev.find_capability(0x11)
+        assert msix is not None, "the test device has an MSI-X capability"
         ctrl = from_little(await dev.config_read(msix + 2, 2))
         await dev.config_write(msix + 2, little(ctrl | 0x8000, 2))  # MSI-X enable
 

@@ -380,6 +380,17 @@ class Client:
     async def config_write(self, offset: int, data: bytes) -> None:
         await self.region_write(RegionIndex.CONFIG, offset, data)
 
+    async def find_capability(self, cap_id: int) -> int | None:
+        """Offset of the first standard capability ``cap_id`` in config space, or None."""
+        ptr = (await self.config_read(0x34, 1))[0] & 0xFC
+        seen = 0
+        while ptr and seen < 48:  # a malformed (looping) list cannot hold us forever
+            head = await self.config_read(ptr, 2)
+            if head[0] == cap_id:
+                return ptr
+            ptr, seen = head[1] & 0xFC, seen + 1
+        return None
+
     async def reset(self) -> None:
         await self.request(DeviceReset())
 

@@ -88,7 +88,8 @@ async def test_doorbell_fires_installed_msix_eventfd_without_unmask(endpoint: En
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             await dev.set_irqs(IrqIndex.MSIX, TRIGGER_FD, 3, 1, [efd])
-            cap = await _find_cap(dev, 0x11)
+            cap = await dev.find_capability(0x11)
+            assert cap is not None
             ctrl = from_little(await dev.config_read(cap + 2, 2))
             await dev.config_write(cap + 2, little(ctrl | 0x8000, 2))  # MSI-X enable
             await dev.region_write(0, td.REG_DOORBELL, little(3, 4))
@@ -96,15 +97,6 @@ async def test_doorbell_fires_installed_msix_eventfd_without_unmask(endpoint: En
         finally:
             os.close(efd)
 
-
-async def _find_cap(dev: client.Client, cap_id: int) -> int:
-    ptr = (await dev.config_read(0x34, 1))[0]
-    while ptr:
-        head = await dev.config_read(ptr, 2)
-        if head[0] == cap_id:
-            return ptr
-        ptr = head[1]
-    raise AssertionError(f"capability {cap_id:#x} not found")
 
 
 async def test_posted_writes_are_never_answered_and_stay_in_order(endpoint: Endpoint) -> None:

@@ -33,16 +33,6 @@ async def wait_eventfd(fd: int) -> int:
                 await trio.sleep(0.001)
 
 
-async def find_cap(dev: client.Client, cap_id: int) -> int:
-    ptr = (await dev.config_read(0x34, 1))[0]
-    while ptr:
-        head = await dev.config_read(ptr, 2)
-        if head[0] == cap_id:
-            return ptr
-        ptr = head[1]
-    raise AssertionError(f"no capability {cap_id:#x}")
-
-
 class RemoteNvme:
     """Admin queue, one I/O queue pair, and helpers to run commands on them."""
 
@@ -66,7 +56,8 @@ class RemoteNvme:
         await dev.dma_map_memory(self.ram, IOVA)
         cmd = from_little(await dev.config_read(0x04, 2))
         await dev.config_write(0x04, little(cmd | 0x6, 2))
-        msix = await find_cap(dev, 0x11)
+        msix = await dev.find_capability(0x11)
+        assert msix is not None, "no MSI-X capability"
         await dev.config_write(msix + 2, little(0x8000, 2))
         await dev.set_irqs(IrqIndex.MSIX, TRIGGER_FD, 0, 3, self.fds)
         await self.wr(0x24, ((DEPTH - 1) << 16) | (DEPTH - 1))
