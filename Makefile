@@ -9,7 +9,7 @@ export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
 
 .PHONY: venv run test test-fast qemu guest-images systemd-image bench lint clean
 
-$(VENV)/.stamp: pyproject.toml setup.py cffi_build/build_tce.py cffi_build/tce.c
+$(VENV)/.stamp: pyproject.toml setup.py $(wildcard cffi_build/*.py cffi_build/*.c cffi_build/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -46,4 +46,4 @@ lint: venv
 	$(VENV)/bin/mypy vfiod protocol bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so
+	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so vfiod/_fast*.so

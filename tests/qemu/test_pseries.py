@@ -30,7 +30,7 @@ import trio
 from vfiod import config
 from vfiod.daemon import Daemon
 from vfiod.qemu import GuestResult, QemuNotProvisioned, guest_image, qemu_binary, run_guest
-from vfiod.server.pe_dma import PeDma
+from vfiod.spapr import PeDma
 
 PATTERN_BYTES = 4 << 20
 NS_SIZE = 64 << 20

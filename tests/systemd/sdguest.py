@@ -68,7 +68,7 @@ def stage_vfiod(dest: Path, src: Path | None = None) -> Path:
     """Build the vfiod package tree to install in the guest: ``setup.py build`` of `src`
     (default: this repo; $VFIOD_SYSTEMD_SRC overrides) into a scratch build base, so the repo is
     not touched. The result is DEST/vfiod, ready to copy into a site-packages directory, with the
-    cffi extension compiled by the host's Python against the limited API (vfiod/_tce.abi3.so,
+    cffi extension compiled by the host's Python against the limited API (vfiod/_fast.abi3.so,
     loadable by the guest's newer Python 3). No network and no compiler in the guest."""
     src = src or Path(os.environ.get("VFIOD_SYSTEMD_SRC") or REPO)
     base = dest / "build"
@@ -82,8 +82,8 @@ def stage_vfiod(dest: Path, src: Path | None = None) -> Path:
     out = dest / "vfiod"
     shutil.copytree(libs[0], out, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(base)
-    if not list(out.glob("_tce*.so")):
-        raise RuntimeError("the staged tree has no compiled vfiod._tce")
+    if not list(out.glob("_fast*.so")):
+        raise RuntimeError("the staged tree has no compiled vfiod._fast")
     return out
 
 

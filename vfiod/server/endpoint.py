@@ -93,8 +93,8 @@ class Endpoint:
             self.session = None
             self.messages_total += session.messages
             self.errors_total += session.errors
-            self.dma_maps_total += getattr(session.dma, "maps_total", 0)
-            self.dma_unmaps_total += getattr(session.dma, "unmaps_total", 0)
+            self.dma_maps_total += session.dma.maps_total
+            self.dma_unmaps_total += session.dma.unmaps_total
             log.info(
                 "function %s: client gone after %d messages (%d refused)",
                 self.name,

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import trio
 
-from vfiod.pci.dma import NoDmaSpace
 from vfiod.pci.function import PciFunction
 from vfiod.protocol import (
     CLOSED,
@@ -63,6 +62,7 @@ from vfiod.protocol import (
     server_capabilities,
 )
 from vfiod.server.dma import DmaMapTable, DmaView
+from vfiod.spapr.dma import NoDmaSpace
 from vfiod.transport import Channel, Peer, close_fds
 
 log = logging.getLogger(__name__)
@@ -355,17 +355,14 @@ class Session:
         return RegionWriteMultiReply(msg_id=_id(ev))
 
     def _device_reset(self, ev: DeviceReset) -> Reply:
-        thaw = getattr(self.dma, "device_reset", None)  # PeDma: a reset thaws a frozen PE
-        if thaw is not None:
-            thaw()
+        self.dma.device_reset()  # through a PE: a reset thaws a frozen PE
         self.function.reset()
         return DeviceResetReply(msg_id=_id(ev))
 
     def _eeh_blocked(self, region: int) -> bool:
-        """EEH (PeDma only): a frozen PE's MMIO loads read all-ones and its stores are
+        """EEH (through a PE): a frozen PE's MMIO loads read all-ones and its stores are
         dropped; config space likewise while an EEH reset is asserted."""
-        blocked = getattr(self.dma, "access_blocked", None)
-        return blocked is not None and bool(blocked(region))
+        return self.dma.access_blocked(region)
 
     def _device_feature(self, ev: DeviceFeature) -> Reply:
         # No migration and no dma-buf: QEMU treats ENOTTY as "feature not supported".

@@ -140,15 +140,6 @@ class Phb:
             default=True,
         )
 
-    def reset_windows(self, pe: Pe) -> None:
-        """Drop every window of the PE and re-create the default one (all TCEs invalid)."""
-        for num, w in enumerate(pe.windows):
-            if w is not None:
-                w.clear()
-                pe.set_window(num, None)
-        if self.dma32_size:
-            pe.set_window(0, self.default_window())
-
     # -- PEs and LIOBNs --
     def new_pe(self, number: int | None = None) -> Pe:
         """A PE (one per function) with its group and the default 32-bit window active."""
@@ -160,7 +151,7 @@ class Phb:
             raise ValueError(f"PE number {number} unavailable")
         pe = Pe(self, number)
         self.pes[number] = pe
-        self.reset_windows(pe)
+        pe.reset_windows()
         return pe
 
     def new_pes(self, count: int) -> list[Pe]:
