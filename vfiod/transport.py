@@ -111,6 +111,10 @@ class Channel:
         """Sleep until a receive() would not block (data, EOF or an error is pending)."""
         await trio.lowlevel.wait_readable(self.sock if self._raw is None else self._raw)
 
+    async def wait_writable(self) -> None:
+        """Sleep until the socket has room for more bytes."""
+        await trio.lowlevel.wait_writable(self.sock if self._raw is None else self._raw)
+
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message (or several, concatenated); fds travel with the first byte."""
         raw = self._raw

@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from vfiod.spapr.dma import DmaFault, IovecLease
 
@@ -41,6 +41,9 @@ class DmaView(Protocol):
 
     maps_total: int  #: DMA_MAPs applied
     unmaps_total: int  #: DMA_UNMAPs applied
+    #: the C view of this state (``struct vfiod_pe_dma``) the session fast path maps and
+    #: unmaps through, or None: then DMA messages are always handled by the session
+    c_view: Any
 
     def map(self, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None: ...
 
@@ -113,6 +116,7 @@ class DmaMapTable:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._backings: dict[tuple[int, int], Backing] = {}
+        self.c_view: Any = None  # no C view: the session handles every DMA message itself
         self.maps_total = 0
         self.unmaps_total = 0
 

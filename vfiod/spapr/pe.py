@@ -14,7 +14,7 @@ from typing import Protocol
 from .constants import EEH_PE_STATE_NORMAL
 from .dma import DmaFault
 from .eeh import EehState
-from .fastpath import TranslateFault
+from .fastpath import CffiFastPath, FastPath, TranslateFault
 from .memory import HostMemory, MemoryRegion, Piece
 from .window import Window, WindowOwner
 
@@ -38,6 +38,7 @@ class PeHost(Protocol):
     dma64_start: int
     host_page_shift: int
     memory: HostMemory
+    impl: FastPath
 
     @property
     def pgsizes(self) -> int: ...
@@ -81,6 +82,8 @@ class Pe:
         self.number = number
         self.windows: list[Window | None] = [None] * phb.max_windows
         self.eeh = EehState(supported=phb.eeh, inject_supported=phb.eeh_inject)
+        if isinstance(phb.impl, CffiFastPath):  # the C fast paths read the EEH state too
+            self.eeh.mirror = phb.impl.ffi.new("struct vfiod_eeh_flags *")
         self.group = IommuGroup(self, phb.index * 0x10000 + number)
 
     def __repr__(self) -> str:

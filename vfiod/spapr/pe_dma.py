@@ -58,6 +58,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .constants import (
     SPAPR_TCE_PAGE_SHIFT,
@@ -66,6 +67,7 @@ from .constants import (
 )
 from .container import Container
 from .dma import DmaFault, IovecLease
+from .fastpath import CffiFastPath, CffiTceStore
 from .memlock import Client
 from .pe import Pe, RegionPiece
 from .phb import Phb
@@ -240,8 +242,15 @@ class PeDma:
         self.max_backings = max_backings
         self.max_leaves = max(1, max_table_bytes // _LEAF_BYTES)
         self._files: dict[tuple[int, int], ClientFile] = {}
-        self.maps_total = 0
-        self.unmaps_total = 0
+        #: the C view of this DMA state (``struct vfiod_pe_dma``, cffi_build/pe_dma.h) the
+        #: session fast path maps and unmaps through; None without the C module
+        self.c_view: Any = None
+        self._maps_total = self._unmaps_total = 0
+        impl = phb.impl
+        if isinstance(impl, CffiFastPath):
+            self.c_view = impl.ffi.new("struct vfiod_pe_dma *")
+            if pe.eeh.mirror is not None:
+                self.c_view.eeh = pe.eeh.mirror
         self.closed = False
         self.container = Container(VFIO_SPAPR_TCE_v2_IOMMU, self.client)
         try:
@@ -254,12 +263,68 @@ class PeDma:
         except BaseException:
             self.container.close()
             raise
+        self._sync()
 
     def __repr__(self) -> str:
         return (
             f"PeDma(phb={self.phb.index}, pe={self.pe.number}, policy={self.policy}, "
             f"mapped={self.mapped_bytes:#x}, files={len(self._files)})"
         )
+
+    # -- counters (in the C view when there is one: the fast path counts there too) ---------
+
+    @property
+    def maps_total(self) -> int:
+        return int(self.c_view.maps_total) if self.c_view is not None else self._maps_total
+
+    @maps_total.setter
+    def maps_total(self, value: int) -> None:
+        if self.c_view is not None:
+            self.c_view.maps_total = value
+        else:
+            self._maps_total = value
+
+    @property
+    def unmaps_total(self) -> int:
+        return int(self.c_view.unmaps_total) if self.c_view is not None else self._unmaps_total
+
+    @unmaps_total.setter
+    def unmaps_total(self, value: int) -> None:
+        if self.c_view is not None:
+            self.c_view.unmaps_total = value
+        else:
+            self._unmaps_total = value
+
+    def _sync(self) -> None:
+        """Tell the C view what the windows and files are now (after any change to them)."""
+        c = self.c_view
+        if c is None:
+            return
+        c.closed = int(self.closed)
+        for slot in range(len(c.win)):
+            w = self.container.windows[slot] if slot < len(self.container.windows) else None
+            store = w.table.store if w is not None else None
+            if w is None or not isinstance(store, CffiTceStore):
+                c.win[slot].size = 0
+                c.win[slot].store = self.c_null
+                continue
+            c.win[slot].start = w.start
+            c.win[slot].size = w.size
+            c.win[slot].page_shift = w.page_shift
+            c.win[slot].store = store.ptr
+        files = list(self._files.values())
+        for i, f in enumerate(files):
+            c.files[i].dev, c.files[i].ino = f.key
+            c.files[i].vaddr = f.vaddr
+            c.files[i].size = f.size
+            c.files[i].writable = int(f.writable)
+        c.nfiles = len(files)
+
+    @property
+    def c_null(self) -> Any:
+        impl = self.phb.impl
+        assert isinstance(impl, CffiFastPath)
+        return impl.ffi.NULL
 
     # -- DMA_MAP / DMA_UNMAP ---------------------------------------------------------------
 
@@ -291,13 +356,17 @@ class PeDma:
                 _close_quietly(fd)
             raise
         file, fresh = self._acquire(fd, key, st.st_size, offset + size, prot)  # owns fd now
+        before = self.container.windows[slot]
         try:
             window = self._ensure(slot, need)
             window.map_pages(iova, (file.vaddr + offset, size >> PAGE_SHIFT), prot)
         except BaseException:
             if fresh:
                 self._drop(file)
+            self._sync()
             raise
+        if fresh or window is not before:
+            self._sync()  # a new file or a new window: the C view must know
         self.maps_total += 1
 
     def unmap(self, iova: int, size: int) -> int:
@@ -327,6 +396,7 @@ class PeDma:
         for file in list(self._files.values()):
             self._release_file(file)
         self._files.clear()
+        self._sync()
         eeh = self.pe.eeh  # the next client finds the function as a fresh open would
         eeh.reset_asserted = False
         eeh.config_blocked = False
