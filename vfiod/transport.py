@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ class Peer:
 
 _UCRED = struct.Struct("3i")
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's & runs Python code
+#: poll() bits that mean the other end is gone (an AF_UNIX stream raises POLLHUP once the
+#: peer's socket is released, which closes both directions).
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class Channel:
@@ -106,6 +110,17 @@ class Channel:
             # treat the stream as hostile.
             self.fds_truncated = True
         return data, fds
+
+    def peer_gone(self) -> bool:
+        """Whether the peer has closed its end for good (its socket is released: a hang-up is
+        pending on ours), whatever data it left unread. A peer that only shut down its writing
+        half is still there: it may read our replies."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(ev & _GONE for _, ev in poller.poll(0))
 
     async def wait_readable(self) -> None:
         """Sleep until a receive() would not block (data, EOF or an error is pending)."""

@@ -2,6 +2,11 @@
 
 A PCI function can belong to one guest at a time, exactly as a VFIO device fd is exclusive; a
 second connection is told EBUSY and closed, and the first one does not notice.
+
+A client that reconnects at once (a restarted QEMU, a fast device_del/device_add) is the next
+client, not a second one: its connection can be accepted before the old session has read its
+predecessor's EOF. So a connection that finds a session whose peer has already hung up waits
+for that session to finish its cleanup (reset, DMA teardown) and is then admitted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from vfiod.sockets import SocketAccess, bind_listener, unlink_if_ours
 from vfiod.transport import Channel, Peer
 
 log = logging.getLogger(__name__)
+
+#: How long a new connection waits for the session of a peer that has already hung up to finish
+#: its cleanup before it is refused with EBUSY after all (normally it takes milliseconds).
+HANDOVER_GRACE = 2.0
 
 
 class Endpoint:
@@ -45,6 +54,8 @@ class Endpoint:
         self._session_factory = session_factory or _plain_session
         self.access = access or SocketAccess()
         self._ino: int | None = None
+        self._free = trio.Event()  # set while no session holds the function
+        self._free.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._bind()
@@ -53,30 +64,56 @@ class Endpoint:
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
-                    channel = Channel(sock)
-                    if self.session is not None:
-                        self.refused_total += 1
-                        nursery.start_soon(refuse, channel, self.name)
-                        continue
-                    try:
-                        peer = channel.peer()
-                    except OSError:
-                        channel.close()  # gone before we could ask who it was
-                        continue
-                    if not self.access.admits(peer.uid):
-                        self.refused_total += 1
-                        log.warning(
-                            "function %s: refused pid %d uid %d (not in allowed_uids)",
-                            self.name, peer.pid, peer.uid,
-                            extra={"function": self.name, "client": peer.pid, "uid": peer.uid},
-                        )
-                        nursery.start_soon(refuse, channel, self.name, errno.EPERM)
-                        continue
-                    self.session = self._session_factory(self.function, channel, self.name, peer)
-                    nursery.start_soon(self._run_session, self.session)
+                    await self._admit(Channel(sock), nursery)
         finally:
             listener.close()
             unlink_if_ours(self.path, self._ino)
+
+    async def _admit(self, channel: Channel, nursery: trio.Nursery) -> None:
+        """Start a session for a new connection, or refuse it."""
+        try:
+            busy = self.session is not None and not await self._previous_client_gone()
+        except BaseException:  # cancelled while waiting: the daemon is stopping
+            channel.close()
+            raise
+        if busy:
+            self.refused_total += 1
+            nursery.start_soon(refuse, channel, self.name)
+            return
+        try:
+            peer = channel.peer()
+        except OSError:
+            channel.close()  # gone before we could ask who it was
+            return
+        if not self.access.admits(peer.uid):
+            self.refused_total += 1
+            log.warning(
+                "function %s: refused pid %d uid %d (not in allowed_uids)",
+                self.name, peer.pid, peer.uid,
+                extra={"function": self.name, "client": peer.pid, "uid": peer.uid},
+            )
+            nursery.start_soon(refuse, channel, self.name, errno.EPERM)
+            return
+        self.session = self._session_factory(self.function, channel, self.name, peer)
+        self._free = trio.Event()
+        nursery.start_soon(self._run_session, self.session)
+
+    async def _previous_client_gone(self) -> bool:
+        """True once the function is free for a new connection that found a session.
+
+        A live peer keeps its function (the newcomer is told EBUSY). A peer that has hung up is
+        gone even if its session has not read the EOF yet: wait (bounded) for that session to
+        close, so the next client finds the function reset, as after any detach.
+        """
+        session = self.session
+        assert session is not None
+        if not session.channel.peer_gone():
+            return False
+        log.debug("function %s: previous client hung up; waiting for its session to end",
+                  self.name, extra=session.log_context)
+        with trio.move_on_after(HANDOVER_GRACE):
+            await self._free.wait()
+        return self.session is None
 
     async def _run_session(self, session: Session) -> None:
         self.sessions_total += 1
@@ -91,6 +128,7 @@ class Endpoint:
             log.exception("function %s: session failed", self.name, extra=context)
         finally:
             self.session = None
+            self._free.set()
             self.messages_total += session.messages
             self.errors_total += session.errors
             self.dma_maps_total += getattr(session.dma, "maps_total", 0)
