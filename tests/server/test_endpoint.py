@@ -4,6 +4,7 @@ while the first is alive."""
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from vfiod.pci.function import PciFunction
 from vfiod.server import endpoint as endpoint_module
 from vfiod.server.endpoint import Endpoint
 from vfiod.server.session import Session
+from vfiod.sockets import SocketAccess
 from vfiod.transport import Channel, Peer
 
 
@@ -100,3 +102,16 @@ async def test_a_session_that_does_not_end_is_waited_for_only_so_long(
         assert info.value.errno == errno.EBUSY
         nursery.cancel_scope.cancel()
     ep.function.close()
+
+
+async def test_a_stranger_is_told_eperm_even_when_the_function_is_busy(
+    endpoint: Endpoint,
+) -> None:
+    async with client.connect(endpoint.path) as first:
+        # allowed_uids changed (a reload) while a client is attached: we are now a stranger
+        endpoint.access = SocketAccess(allowed_uids=frozenset({os.geteuid() + 1}))
+        with pytest.raises(VfioUserError) as info:
+            async with client.connect(endpoint.path):
+                pass
+        assert info.value.errno == errno.EPERM  # not EBUSY: in use is none of its business
+        assert from_little(await first.config_read(0, 2)) == td.TEST_VENDOR_ID

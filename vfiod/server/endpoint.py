@@ -70,16 +70,11 @@ class Endpoint:
             unlink_if_ours(self.path, self._ino)
 
     async def _admit(self, channel: Channel, nursery: trio.Nursery) -> None:
-        """Start a session for a new connection, or refuse it."""
-        try:
-            busy = self.session is not None and not await self._previous_client_gone()
-        except BaseException:  # cancelled while waiting: the daemon is stopping
-            channel.close()
-            raise
-        if busy:
-            self.refused_total += 1
-            nursery.start_soon(refuse, channel, self.name)
-            return
+        """Start a session for a new connection, or refuse it.
+
+        Who is asking comes first: a peer that may not use the function is told EPERM whether
+        or not the function is in use, so a stranger cannot learn that it is.
+        """
         try:
             peer = channel.peer()
         except OSError:
@@ -93,6 +88,15 @@ class Endpoint:
                 extra={"function": self.name, "client": peer.pid, "uid": peer.uid},
             )
             nursery.start_soon(refuse, channel, self.name, errno.EPERM)
+            return
+        try:
+            busy = self.session is not None and not await self._previous_client_gone()
+        except BaseException:  # cancelled while waiting: the daemon is stopping
+            channel.close()
+            raise
+        if busy:
+            self.refused_total += 1
+            nursery.start_soon(refuse, channel, self.name)
             return
         self.session = self._session_factory(self.function, channel, self.name, peer)
         self._free = trio.Event()
