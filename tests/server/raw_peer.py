@@ -13,6 +13,8 @@ import trio
 from vfiod import client
 from vfiod.client import from_little
 from vfiod.devices import testdev as td
+from vfiod.protocol import Request
+from vfiod.protocol.codec import Codec
 from vfiod.server.endpoint import Endpoint
 
 HDR = struct.Struct("<HHIII")
@@ -103,3 +105,12 @@ async def still_serves(ep: Endpoint) -> None:
             assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
         while ep.session is not None:  # leave the function free for whoever comes next
             await trio.sleep(0.01)
+
+
+_CODEC = Codec("little")
+
+
+def encode(event: Request, msg_id: int, flags: int = REQUEST) -> bytes:
+    """A well-formed request's bytes (its fds are not included: send them alongside)."""
+    data, _ = _CODEC.encoders["request"][int(event.command)](event, msg_id, flags, 1 << 20, 16)
+    return data

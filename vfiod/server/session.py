@@ -59,6 +59,7 @@ from vfiod.protocol import (
     TypeCap,
     Version,
     VersionReply,
+    event_fds,
     make_region_info_reply,
     server_capabilities,
 )
@@ -152,6 +153,7 @@ class Session:
             self.function.reset()
             self.dma.close()
             self.channel.close()
+            close_fds(self.conn.discard_buffered())  # messages never read: their fds too
             if self._on_closed is not None:
                 self._on_closed()
 
@@ -262,7 +264,7 @@ class Session:
         handler = self._handlers.get(type(ev))
         if handler is None:
             # Only replies to our own requests land here, and we make none yet.
-            close_fds(getattr(ev, "fds", ()) or ())
+            close_fds(event_fds(ev))
             raise SessionEnded(f"unexpected {type(ev).__name__}")
         msg_id = ev.msg_id
         no_reply = getattr(ev, "no_reply", False)
@@ -410,10 +412,7 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
                     continue
                 if event is CLOSED:
                     return
-                close_fds(getattr(event, "fds", ()) or ())
-                fd = getattr(event, "fd", None)
-                if fd is not None:
-                    close_fds([fd])
+                close_fds(event_fds(event))
                 if isinstance(event, Version) and event.msg_id is not None:
                     out = conn.send(ErrorReply(event.msg_id, int(event.command), err))
                     await channel.send(out.data, out.fds)
@@ -423,3 +422,4 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
     finally:
         log.warning("function %s: refused a client (%s)", name, errno.errorcode.get(err, err))
         channel.close()
+        close_fds(conn.discard_buffered())
