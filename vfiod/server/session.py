@@ -70,8 +70,9 @@ log = logging.getLogger(__name__)
 
 MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MSG_FDS = 16
-#: How long a refused second client gets to say VERSION before it is simply closed.
-REFUSAL_GRACE = 2.0
+#: How long a refused second client gets to say VERSION before it is simply closed (QEMU sends
+#: it right after connecting; a peer that stays silent must not hold an fd for long).
+REFUSAL_GRACE = 1.0
 #: Replies are sent at least every this many messages of a pipelined burst, so a long burst
 #: neither waits for its end nor keeps the other sessions from running.
 MAX_BATCH = 64
