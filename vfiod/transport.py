@@ -24,6 +24,7 @@ import errno
 import os
 import select
 import socket
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,6 +180,24 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(payload) - len(payload) % 4
             fds.extend(array.array("i", payload[:usable]))
     return fds
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (what VFIO, too, insists on for interrupts).
+
+    Anything else kept as an interrupt fd could pin what the peer meant to let go: its own
+    connection passed back to us would keep that connection from ever reaching EOF, and its
+    function held for good. All anonymous inodes share one inode, so fstat() cannot tell an
+    eventfd from an epoll or io_uring fd; the /proc link can.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        pass
+    try:  # no /proc: at least an anonymous inode (no socket, pipe or file)
+        return stat.S_IFMT(os.fstat(fd).st_mode) == 0
+    except OSError:
+        return False
 
 
 def close_fds(fds: Sequence[int]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,49 @@ async def test_fds_buffered_when_the_daemon_stops_are_closed(tmp_path: Path) -> 
     ep.function.close()
     await fds_settle_at(before)
 
+
+
+@pytest.mark.parametrize("kind", ["its own connection", "a pipe", "a memfd", "an epoll fd"])
+async def test_interrupt_fds_that_are_not_eventfds_are_refused(
+    endpoint: Endpoint, kind: str
+) -> None:
+    """A client's own socket kept as an 'eventfd' would hold its connection open for ever:
+    the session would never see EOF and the function would stay taken."""
+    before = open_fd_count()
+    raw = await Raw.open(endpoint.path)
+    if kind == "its own connection":
+        fds = [os.dup(raw.sock.fileno())]
+    elif kind == "a pipe":
+        fds = list(os.pipe())
+    elif kind == "a memfd":
+        fds = [os.memfd_create("x")]
+    else:
+        ep = select.epoll()
+        fds = [os.dup(ep.fileno())]
+        ep.close()
+    body = encode(DeviceSetIrqs(TRIGGER, int(IrqIndex.MSIX), 0, len(fds)), 1)
+    await raw.send(body, fds)
+    assert await raw.expect_error(1) == errno.EINVAL
+    for fd in fds:
+        os.close(fd)
+    raw.close()
+    with trio.fail_after(5):  # the function is free again at once
+        async with client.connect(endpoint.path) as dev:
+            efd = os.eventfd(0)
+            await dev.set_irqs(IrqIndex.MSIX, TRIGGER, 0, 1, [efd])  # a real one still works
+            os.close(efd)
+    await fds_settle_at(before)
+
+
+def test_is_eventfd_tells_eventfds_from_everything_else() -> None:
+    from vfiod.transport import is_eventfd
+
+    efd, (r, w), mfd = os.eventfd(0), os.pipe(), os.memfd_create("x")
+    ep = select.epoll()
+    try:
+        assert is_eventfd(efd)
+        assert not any(is_eventfd(fd) for fd in (r, w, mfd, ep.fileno(), 10_000))
+    finally:
+        for fd in (efd, r, w, mfd):
+            os.close(fd)
+        ep.close()

@@ -64,7 +64,7 @@ from vfiod.protocol import (
     server_capabilities,
 )
 from vfiod.server.dma import DmaMapTable, DmaView
-from vfiod.transport import Channel, Peer, close_fds
+from vfiod.transport import Channel, Peer, close_fds, is_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,9 @@ class Session:
         return IrqInfoReply(info.flags, info.index, info.count, msg_id=_id(ev))
 
     def _set_irqs(self, ev: DeviceSetIrqs) -> Reply:
+        if not all(map(is_eventfd, ev.fds)):
+            close_fds(ev.fds)
+            raise OSError(errno.EINVAL, "SET_IRQS fds must be eventfds")
         # The function owns the fds from here on, even when it refuses them.
         self.function.set_irqs(ev.index, ev.flags, ev.start, ev.count, list(ev.fds))
         return SetIrqsReply(msg_id=_id(ev))
