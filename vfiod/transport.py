@@ -33,6 +33,8 @@ import trio
 
 #: Bytes asked for per recvmsg; a whole REGION_WRITE of max_data_xfer_size arrives in a few calls.
 RECV_CHUNK = 256 * 1024
+#: A send that makes no progress for this long checks that the peer process still exists.
+SEND_STALL_CHECK = 5.0
 #: Ancillary room for this many fds per recvmsg. More than any legal message carries, so a
 #: peer that sends too many is seen (and refused) instead of silently truncated.
 RECV_MAX_FDS = 64
@@ -163,11 +165,48 @@ class Channel:
         """The trio path (lock held): fds with the first sendmsg, the rest as it drains."""
         if fds:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            await self._wait_writable()
             sent = await self.sock.sendmsg([view], anc)
             view = view[sent:]
         while view:
+            await self._wait_writable()
             sent = await self.sock.send(view)
             view = view[sent:]
+
+    async def _wait_writable(self) -> None:
+        """Sleep until the socket takes bytes again; fail if the peer process has gone.
+
+        A socket can outlive its process: a peer that sends its own end over the connection
+        and exits leaves that end alive in our receive queue, which we do not read while we
+        wait for it to read our replies. Nothing would ever end that wait.
+        """
+        while True:
+            with trio.move_on_after(SEND_STALL_CHECK):
+                await trio.lowlevel.wait_writable(self.sock if self._raw is None else self._raw)
+                return
+            if self._peer_process_gone():
+                raise BrokenPipeError(
+                    errno.EPIPE, "the peer process is gone; its socket lives on only in flight"
+                )
+
+    def _peer_process_gone(self) -> bool:
+        try:
+            pid = self.peer().pid
+        except OSError:
+            return True
+        if pid <= 0:
+            return False  # in a pid namespace we cannot see: no way to tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # it exists (another user's)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
 
     def close(self) -> None:
         self.sock.close()

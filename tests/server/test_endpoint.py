@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 from raw_peer import Raw, msg
 
-from vfiod import client
+from vfiod import client, transport
 from vfiod.client import VfioUserError, from_little, little
 from vfiod.devices import testdev as td
 from vfiod.pci.function import PciFunction
@@ -115,3 +116,43 @@ async def test_a_stranger_is_told_eperm_even_when_the_function_is_busy(
                 pass
         assert info.value.errno == errno.EPERM  # not EBUSY: in use is none of its business
         assert from_little(await first.config_read(0, 2)) == td.TEST_VENDOR_ID
+
+
+WEDGE = r"""
+import array, json, socket, struct, sys
+HDR = struct.Struct("<HHIII")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+caps = json.dumps({"capabilities": {"max_msg_fds": 16}}).encode() + b"\0"
+body = struct.pack("<HH", 0, 0) + caps
+s.sendall(HDR.pack(0, 1, 16 + len(body), 0, 0) + body)
+# 4 KiB config reads whose replies we never read: the daemon ends up waiting to send
+reads = b"".join(HDR.pack(i, 9, 32, 0, 0) + struct.pack("<QII", 0, 7, 4096) for i in range(400))
+s.settimeout(3)
+try:
+    s.sendall(reads)
+except OSError:
+    pass
+# our own socket, in flight behind them: it outlives this process
+anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]).tobytes())]
+s.sendmsg([HDR.pack(1, 13, 16, 0, 0)], anc)
+"""
+
+
+async def test_a_function_wedged_by_a_tenant_that_exited_comes_free(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tenant's socket lives on in the daemon's unread receive queue, so the daemon never
+    sees EOF, and its replies fill a buffer nobody reads: once the process is gone, the stalled
+    send notices and the session ends."""
+    monkeypatch.setattr(transport, "SEND_STALL_CHECK", 0.3)
+    await trio.run_process([sys.executable, "-c", WEDGE, str(endpoint.path)])
+    with trio.fail_after(10):
+        while True:
+            try:
+                async with client.connect(endpoint.path) as dev:
+                    assert from_little(await dev.config_read(0, 2)) == td.TEST_VENDOR_ID
+                    break
+            except VfioUserError as exc:
+                assert exc.errno == errno.EBUSY
+                await trio.sleep(0.1)
