@@ -129,13 +129,27 @@ class DaemonProc:
             result: list[dict[str, Any]] = control.call("memlock")
         return result
 
+    def metric(self, name: str, function: str | None = None) -> float:
+        """A metric from ``vfiodctl metrics``, summed over the series (of one function)."""
+        with ControlClient(self.socket_dir / "control.sock") as control:
+            text: str = control.call("metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if function is not None and f'function="{function}"' not in line:
+                continue
+            total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def limit_fds(self, soft: int) -> None:
         """Lower (or restore) the daemon's RLIMIT_NOFILE soft limit from outside."""
         _, hard = resource.prlimit(self.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (soft, hard))
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
