@@ -70,9 +70,11 @@ class DaemonProc:
         )
         self.pid = self.proc.pid
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, extra: list[str] | None = None) -> None:
+        """Wait for every function's socket (and ``extra`` ones: VFs) and the control one."""
         deadline = time.monotonic() + timeout
-        wanted = [self.sock(n) for n in self.functions] + [self.socket_dir / "control.sock"]
+        names = self.functions + (extra or [])
+        wanted = [self.sock(n) for n in names] + [self.socket_dir / "control.sock"]
         while not all(p.exists() for p in wanted):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vfiod exited with {self.proc.returncode}: {self.log()}")
