@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -278,7 +279,7 @@ def stream(draw: st.DrawFn) -> list[Chunk]:
     return chunks
 
 
-@settings(max_examples=60)
+@settings(max_examples=int(os.environ.get("FP_EXAMPLES", "60")))
 @given(stream())
 async def test_streams_give_the_same_replies_and_state(chunks: list[Chunk]) -> None:
     r = Ram()
@@ -348,4 +349,38 @@ async def test_engine_handles_the_hot_messages_itself(ram: Ram) -> None:
         await talk()
     assert session.messages == 2002
     assert session.fast_messages == 2000  # all but VERSION and the first map of the file
+    function.close()
+
+
+async def test_cancelling_a_session_wakes_its_engine_thread(ram: Ram) -> None:
+    """Daemon shutdown (or a removed VF) cancels the session while its engine thread sleeps in
+    poll(2): the thread must wake and end, and the session clean up, at once."""
+    phb = spapr.Phb(index=0)
+    pe = phb.new_pe()
+    function = TestDevice()
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    dmas: list[PeDma] = []
+
+    def dma_factory() -> PeDma:
+        dmas.append(PeDma(phb, pe, ClientMemory(spapr.Client())))
+        return dmas[-1]
+
+    session = Session(function, Channel(a), "f", thread_streak=0, dma_factory=dma_factory)
+    threads_before = threading.active_count()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await b.send(version())
+            await b.recv(4096)
+            await b.send(dma_unmap(1, 0, PAGE))
+            assert len(await b.recv(4096)) == 16  # answered by the engine, which now sleeps
+            while session.engine is None or session.engine.sleeps == 0:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert dmas[0].closed and session.engine is None
+    assert await b.recv(4096) == b""  # the session closed its end
+    with trio.fail_after(5):
+        while threading.active_count() > threads_before + 1:  # trio keeps idle workers
+            await trio.sleep(0.01)
+    b.close()
     function.close()
