@@ -525,6 +525,8 @@ class Host:
                  "IOVA bytes the client has mapped (valid TCEs)."),
                 ("vfiod_pe_eeh_state", "gauge", "EEH state (0 normal, 2 stopped, 4 DMA stopped)."),
                 ("vfiod_pe_freezes_total", "counter", "Times the PE was frozen by a fault."),
+                ("vfiod_pe_dma_faults_total", "counter",
+                 "Device DMAs of the PE that faulted (frozen or not, by the PHB's dma_fault)."),
                 ("vfiod_pe_tces_in_use", "gauge", "Valid TCEs in the PE's windows."),
                 ("vfiod_client_locked_bytes", "gauge", "Locked memory charged to a client."),
                 ("vfiod_client_memlock_limit_bytes", "gauge", "The client's locked-memory limit."),
@@ -551,6 +553,7 @@ class Host:
             pe_labels = {"phb": s.phb.phb.index, "pe": s.pe.number, "function": s.name}
             fam["vfiod_pe_eeh_state"].add(s.pe.eeh_state, **pe_labels)
             fam["vfiod_pe_freezes_total"].add(s.pe.eeh.freeze_count, **pe_labels)
+            fam["vfiod_pe_dma_faults_total"].add(s.pe.fault_count, **pe_labels)
             tces = 0
             if s.pe.container is not None:
                 tces = sum(describe.tces_in_use(w) for w in s.pe.container.windows if w)

@@ -107,6 +107,7 @@ def describe_phb(phb: spapr.Phb, functions: Mapping[int, str]) -> dict[str, Any]
         "max_windows": phb.max_windows,
         "ddw": phb.ddw,
         "eeh": phb.eeh,
+        "dma_fault": phb.dma_fault,
         "num_pes": phb.num_pes,
         "pes": [describe_pe_summary(phb.pes[n], functions.get(n)) for n in sorted(phb.pes)],
     }
@@ -121,6 +122,7 @@ def describe_eeh(pe: spapr.Pe) -> dict[str, Any]:
         "config_blocked": e.config_blocked,
         "owned": e.owned,
         "freeze_count": e.freeze_count,
+        "dma_faults": pe.fault_count,
         "injected": [
             {"type": i.type, "func": i.func, "addr": i.addr, "mask": i.mask} for i in e.injected
         ],

@@ -20,7 +20,7 @@ from .memlock import (
 from .memory import HostMemory, MemoryRegion, Piece
 from .pe import IommuGroup, Pe, PeHost
 from .pe_dma import AddressSpace, ClientFile, ClientMemory, PeDma
-from .phb import Phb, make_liobn, split_liobn
+from .phb import DMA_FAULT_POLICIES, Phb, make_liobn, split_liobn
 from .tce import (
     TceTable,
     flat_table_size,
@@ -34,6 +34,7 @@ from .window import Window, WindowOwner
 __all__ = [
     "AddressSpace",
     "Client",
+    "DMA_FAULT_POLICIES",
     "ClientFile",
     "ClientMemory",
     "Container",

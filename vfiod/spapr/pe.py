@@ -39,6 +39,7 @@ class PeHost(Protocol):
     host_page_shift: int
     memory: HostMemory
     impl: FastPath
+    dma_fault: str  # "freeze" (EEH) or "error" (the access fails, the PE goes on)
 
     @property
     def pgsizes(self) -> int: ...
@@ -81,6 +82,7 @@ class Pe:
         self.phb = phb
         self.number = number
         self.windows: list[Window | None] = [None] * phb.max_windows
+        self.fault_count = 0  # device accesses that faulted, whatever the policy did
         self.eeh = EehState(supported=phb.eeh, inject_supported=phb.eeh_inject)
         if isinstance(phb.impl, CffiFastPath):  # the C fast paths read the EEH state too
             self.eeh.mirror = phb.impl.ffi.new("struct vfiod_eeh_flags *")
@@ -177,6 +179,13 @@ class Pe:
     def freeze(self) -> None:
         self.eeh.freeze()
 
+    def dma_fault(self) -> None:
+        """A device access of this PE faulted: count it, and freeze the PE if the PHB's fault
+        policy says so (EEH, as POWER hardware does); with "error" only the access fails."""
+        self.fault_count += 1
+        if self.phb.dma_fault == "freeze":
+            self.eeh.freeze()
+
     def eeh_op(
         self, op: int, err_type: int = 0, func: int = 0, addr: int = 0, mask: int = 0
     ) -> int:
@@ -207,7 +216,7 @@ class Pe:
 
     # -- DMA translation --
     def _fault(self, iova: int, length: int, write: bool, reason: str) -> DmaFault:
-        self.eeh.freeze()
+        self.dma_fault()
         return DmaFault(iova, length, write, reason)
 
     def translate_sg(self, sg: Sequence[tuple[int, int]], write: bool) -> list[Piece]:

@@ -527,7 +527,7 @@ class PeDma:
         return self._fault(iova, sum(n for _, n in pieces), write, reason)
 
     def _fault(self, iova: int, length: int, write: bool, reason: str) -> DmaFault:
-        self.pe.freeze()
+        self.pe.dma_fault()  # freezes the PE unless the PHB's fault policy is "error"
         return DmaFault(iova, length, write, reason)
 
     # -- windows -----------------------------------------------------------------------------
