@@ -653,3 +653,33 @@ def test_table_budget_is_enospc_and_changes_nothing(phb: spapr.Phb, ram: Ram) ->
         assert dma.unmap(0x200000, 0x1000) == 0x1000  # unmaps never need a leaf
     finally:
         dma.close()
+
+
+# -- the PHB's DMA fault policy --------------------------------------------------------------------
+
+
+def test_error_policy_fails_the_access_and_keeps_the_pe_running(ram: Ram) -> None:
+    phb = spapr.Phb(index=0, dma_fault="error")
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()))
+    try:
+        dma.map(0, 0x2000, 0, RW, ram.fd())
+        with pytest.raises(DmaFault):
+            dma.write(0x1000, b"\xaa" * 0x2000)  # runs off the end of the mapping
+        assert ram.read(0x1000, 0x1000) == b"\0" * 0x1000  # nothing written
+        with pytest.raises(DmaFault):
+            dma.iovecs([(0, 0x1000), (0x8000, 0x10)], write=False)
+        pe = dma.pe
+        assert pe.fault_count == 2 and not pe.frozen and pe.eeh.freeze_count == 0
+        assert not dma.access_blocked(0)  # MMIO goes on
+        dma.write(0, b"still working")  # and so does DMA
+        assert ram.read(0, 13) == b"still working"
+    finally:
+        dma.close()
+
+
+def test_freeze_policy_counts_faults_too(dma: PeDma, ram: Ram) -> None:
+    with pytest.raises(DmaFault):
+        dma.read(0, 4)
+    assert dma.pe.fault_count == 1 and dma.pe.frozen
+    with pytest.raises(ValueError):
+        spapr.Phb(dma_fault="ignore")
