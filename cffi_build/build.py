@@ -4,6 +4,7 @@
 builds it in place for a quick edit-compile loop.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -139,8 +140,10 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vfiod._fast",
     '#include "tce.h"\n#include "pe_dma.h"\n#include "vfu.h"\n',
-    sources=[str(HERE / name) for name in SOURCES],
-    include_dirs=[str(HERE)],
+    # relative to the working directory (setup.py runs from the project root and setuptools
+    # refuses absolute paths there)
+    sources=[os.path.relpath(HERE / name) for name in SOURCES],
+    include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 
