@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -69,51 +69,55 @@ TARGETS = {
 }
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {path} within 30 s")
+            raise RuntimeError(f"{what} did not listen on {path} within {timeout:.0f} s")
         time.sleep(0.02)
 
 
 @contextmanager
-def _process(cmd: list[str], sock: Path, what: str, log: Path) -> Iterator[int]:
+def _process(cmd: list[str], sock: Path, what: str, log: Path,
+             start_timeout: float) -> Iterator[int]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for(sock, proc, what)
+        _wait_for(sock, proc, what, start_timeout)
         yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=start_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
 
 @contextmanager
-def responder(tmp: Path) -> Iterator[tuple[int, Path]]:
+def responder(tmp: Path, wrapper: Sequence[str] = (),
+              start_timeout: float = 30) -> Iterator[tuple[int, Path]]:
+    """bench/responder.py in its own process (``wrapper``: e.g. valgrind and its options)."""
     sock = tmp / "responder.sock"
-    cmd = [sys.executable, "-m", "bench.responder", str(sock)]
-    with _process(cmd, sock, "the responder", tmp / "responder.log") as pid:
+    cmd = [*wrapper, sys.executable, "-m", "bench.responder", str(sock)]
+    with _process(cmd, sock, "the responder", tmp / "responder.log", start_timeout) as pid:
         yield pid, sock
 
 
 @contextmanager
-def vfiod_daemon(tmp: Path, config: str = CONFIG,
-                 function: str = "test0") -> Iterator[tuple[int, Path]]:
+def vfiod_daemon(tmp: Path, config: str = CONFIG, function: str = "test0",
+                 wrapper: Sequence[str] = (),
+                 start_timeout: float = 30) -> Iterator[tuple[int, Path]]:
     """``python -m vfiod`` on ``config`` with its default logging, as an operator runs it."""
     cfg = tmp / "vfiod.toml"
     cfg.write_text(config)
     sockets = tmp / "vfiod-sockets"
-    cmd = [sys.executable, "-m", "vfiod", "--config", str(cfg), "--socket-dir", str(sockets),
-           "--state-dir", str(tmp / "vfiod-state")]
+    cmd = [*wrapper, sys.executable, "-m", "vfiod", "--config", str(cfg), "--socket-dir",
+           str(sockets), "--state-dir", str(tmp / "vfiod-state")]
     sock = sockets / f"{function}.sock"
-    with _process(cmd, sock, "vfiod", tmp / "vfiod.log") as pid:
+    with _process(cmd, sock, "vfiod", tmp / "vfiod.log", start_timeout) as pid:
         yield pid, sock
 
 
