@@ -15,8 +15,9 @@ table and what it means):
   epoll_ctl, epoll_wait, reschedule); ``channel``: ``vfiod.transport.Channel`` receive + send
   instead (its lock and cancellation checkpoint too).
 
-Figures are CPU microseconds per message from ``time.thread_time`` (best of ``repeat``): warm
-caches, no sleeping, so they are floors of what the daemon pays. ``--instructions`` also
+Figures are CPU microseconds per message from ``time.thread_time`` (best of ``repeat``; the
+kernel's share from ``getrusage``): warm caches, no sleeping, so they are floors of what the
+daemon pays. ``--instructions`` also
 counts user-space instructions per message under valgrind's callgrind (the difference of two
 run lengths, so start-up cancels out), which no other load on the machine can move.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import socket
 import struct
@@ -55,6 +57,7 @@ from bench.stdclient import (
 PROBES = ("decode", "protocol", "session_no_model", "session", "session_region_read",
           "session_dma_map", "syscalls", "trio_wait", "channel")
 WARMUP = 300
+RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 _REPLY = HEADER.pack(1, 3, 16, 1, 0)
 _VERSION_MSG = (HEADER.pack(0, VERSION, 20 + len(QEMU_CAPS), 0, 0)
                 + struct.pack("=HH", 0, 0) + QEMU_CAPS)
@@ -162,36 +165,52 @@ def _socket_probe(name: str, peer: socket.socket, server: socket.socket
     return {"syscalls": syscalls, "trio_wait": trio_wait, "channel": through_channel}[name]
 
 
-def run_probe(name: str, n: int) -> float:
-    """CPU seconds per message of ``n`` messages through probe ``name`` (after a warm-up)."""
+class _Meter:
+    """CPU of this thread: total from thread_time, the kernel's share from getrusage."""
+
+    def __enter__(self) -> _Meter:
+        self.t0 = time.thread_time()
+        self.sys0 = resource.getrusage(RUSAGE_THREAD).ru_stime
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = time.thread_time() - self.t0
+        self.sys = resource.getrusage(RUSAGE_THREAD).ru_stime - self.sys0
+
+
+def run_probe(name: str, n: int) -> tuple[float, float]:
+    """(CPU, kernel CPU) seconds per message of ``n`` messages through probe ``name``, after a
+    warm-up."""
+    n = max(n, 1)
     with tempfile.TemporaryDirectory(prefix="vfiod-layer-bench-") as tmpdir:
         total = WARMUP + n
         if name in ("syscalls", "trio_wait", "channel"):
             msgs = [dma_unmap_msg(i, (i % 200000) * PAGE, PAGE) for i in range(total)]
 
-            async def main() -> float:
+            async def main() -> _Meter:
                 peer, server = socket.socketpair()
                 server.setblocking(False)
                 try:
                     body = _socket_probe(name, peer, server)
                     for m in msgs[:WARMUP]:
                         await body(m)
-                    t0 = time.thread_time()
-                    for m in msgs[WARMUP:]:
-                        await body(m)
-                    return time.thread_time() - t0
+                    with _Meter() as meter:
+                        for m in msgs[WARMUP:]:
+                            await body(m)
+                    return meter
                 finally:
                     peer.close()
                     server.close()
 
-            return trio.run(main) / max(n, 1)
-        sync_body = _sync_probe(name, total, Path(tmpdir))
-        for i in range(WARMUP):
-            sync_body(i)
-        t0 = time.thread_time()
-        for i in range(WARMUP, total):
-            sync_body(i)
-        return (time.thread_time() - t0) / max(n, 1)
+            meter = trio.run(main)
+        else:
+            sync_body = _sync_probe(name, total, Path(tmpdir))
+            for i in range(WARMUP):
+                sync_body(i)
+            with _Meter() as meter:
+                for i in range(WARMUP, total):
+                    sync_body(i)
+        return meter.cpu / n, meter.sys / n
 
 
 def _instructions(name: str, n: int) -> int:
@@ -223,11 +242,13 @@ def _layers(per: dict[str, float]) -> dict[str, float]:
 
 
 def run(n: int = 20000, repeat: int = 3, instructions: bool = False) -> dict[str, Any]:
-    us = {p: min(run_probe(p, n) for _ in range(repeat)) * 1e6 for p in PROBES}
+    best = {p: min(run_probe(p, n) for _ in range(repeat)) for p in PROBES}
+    us = {p: cpu * 1e6 for p, (cpu, _) in best.items()}
     results: dict[str, Any] = {
         "note": "in-process, warm caches, no sleeping: floors of what the daemon pays; "
                 "see docs/performance.md",
         "probe_cpu_us": us,
+        "probe_kernel_us": {p: kernel * 1e6 for p, (_, kernel) in best.items()},
         "layer_cpu_us": _layers(us),
     }
     if instructions:
