@@ -119,7 +119,7 @@ def _issue11_summary(results: dict[str, Any]) -> None:
     layers = results.get("layers", {}).get("layer_cpu_us")
     if layers:
         print("  CPU per storm message by layer, in-process and warm (us): "
-              + ", ".join(f"{k} {val:.1f}" for k, val in layers.items()))
+              + ", ".join(f"{k} {layers[k]:.1f}" for k in layer_bench.LAYERS if k in layers))
     boot = results.get("pseries_boot")
     if boot:
         with_vf = boot["with_vfiod_vf"]

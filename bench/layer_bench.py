@@ -228,6 +228,10 @@ def _instructions(name: str, n: int) -> int:
         return int(m.group(1))
 
 
+LAYERS = ("protocol_decode", "protocol_encode", "session_dispatch", "pedma_unmap",
+          "socket_syscalls_with_peer", "trio_wait_readable", "channel_glue")
+
+
 def _layers(per: dict[str, float]) -> dict[str, float]:
     """What each layer adds per storm DMA_UNMAP, from the differences between probes."""
     return {
