@@ -26,7 +26,7 @@ import trio
 from vfiod import client, config
 from vfiod.daemon import Daemon
 from vfiod.qemu import QemuNotProvisioned, guest_image, run_guest, vfio_user_device
-from vfiod.qemu.live import LiveGuest, live_guest, pcie_root_port
+from vfiod.qemu.live import LiveGuest, MarkerStream, live_guest, pcie_root_port
 from vfiod.qemu.qmp import QmpError
 
 NS_SIZE = 16 << 20
@@ -98,6 +98,19 @@ def provisioned() -> None:
         guest_image("x86_64")
     except QemuNotProvisioned as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def test_marker_stream_across_chunks() -> None:
+    """The live harness sees a marker once its line is complete, however the console is cut."""
+    stream = MarkerStream()
+    assert stream.feed(b"noise\r\n@@VFIOD io=3 wr") == []
+    assert stream.feed(b"ote=ab read=ab\r") == []
+    assert stream.feed(b"\n\x1b[0m@@VFIOD ready=1\nx @@VFIOD gone=0000:01:00.0\n@@") == [
+        {"io": "3", "wrote": "ab", "read": "ab"},
+        {"ready": "1"},
+        {"gone": "0000:01:00.0"},
+    ]
+    assert stream.feed(b"VFIOD done=1\n") == [{"done": "1"}]
 
 
 def one_vf_config(tmp_path: Path) -> config.Config:

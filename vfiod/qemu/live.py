@@ -29,7 +29,7 @@ from .guest import GuestError, build_initrd_overlay
 from .locate import guest_image, normalize_arch
 from .qmp import QmpClient
 
-__all__ = ["LiveGuest", "live_guest", "marker_fields", "pcie_root_port"]
+__all__ = ["LiveGuest", "MarkerStream", "live_guest", "marker_fields", "pcie_root_port"]
 
 _MARKER = "@@VFIOD "
 
@@ -49,6 +49,25 @@ def marker_fields(payload: str) -> dict[str, str]:
     return fields
 
 
+class MarkerStream:
+    """Console bytes in, in any chunking; the fields of each complete @@VFIOD line out."""
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+
+    def feed(self, chunk: bytes | bytearray) -> list[dict[str, str]]:
+        self._line += chunk
+        *complete, rest = bytes(self._line).split(b"\n")
+        self._line = bytearray(rest)
+        found = []
+        for raw in complete:
+            line = raw.decode(errors="replace")
+            pos = line.find(_MARKER)
+            if pos >= 0:
+                found.append(marker_fields(line[pos + len(_MARKER):]))
+        return found
+
+
 class LiveGuest:
     """A running QEMU: its console so far, the marker lines seen, its QMP client."""
 
@@ -59,7 +78,7 @@ class LiveGuest:
         self.console = bytearray()
         self.stderr = bytearray()
         self.markers: list[dict[str, str]] = []  # one dict per @@VFIOD line, in order
-        self._line = bytearray()
+        self._stream = MarkerStream()
         self._changed = trio.Event()
 
     # ---- state -------------------------------------------------------------------------------
@@ -126,20 +145,10 @@ class LiveGuest:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _feed(self, chunk: bytes | bytearray) -> None:
-        self.console += chunk
-        self._line += chunk
-        *complete, rest = bytes(self._line).split(b"\n")
-        self._line = bytearray(rest)
-        for raw in complete:
-            line = raw.decode(errors="replace")
-            pos = line.find(_MARKER)
-            if pos >= 0:
-                self.markers.append(marker_fields(line[pos + len(_MARKER):]))
-
     async def _pump_console(self, stream: trio.abc.ReceiveStream) -> None:
         async for chunk in stream:
-            self._feed(chunk)
+            self.console += chunk
+            self.markers += self._stream.feed(chunk)
             self._notify()
 
     async def _pump_stderr(self, stream: trio.abc.ReceiveStream) -> None:
