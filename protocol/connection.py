@@ -288,6 +288,15 @@ class Connection:
             return
         self._buffer.feed(data, fds)
 
+    def discard_buffered(self) -> tuple[int, ...]:
+        """Drop every byte still buffered and return the fds that came with them.
+
+        For a peer that goes away (or is sent away) with messages unread: their fds are the
+        caller's to close, as are the fds of every event it took.
+        """
+        _, fds = self._buffer.take_all()
+        return fds
+
     def next_event(self) -> Event | Sentinel:
         """The next event, NEED_DATA, or CLOSED; raises RemoteProtocolError if fatal."""
         state = self.state

@@ -59,18 +59,20 @@ from vfiod.protocol import (
     TypeCap,
     Version,
     VersionReply,
+    event_fds,
     make_region_info_reply,
     server_capabilities,
 )
 from vfiod.server.dma import DmaMapTable, DmaView
-from vfiod.transport import Channel, Peer, close_fds
+from vfiod.transport import Channel, Peer, close_fds, is_eventfd
 
 log = logging.getLogger(__name__)
 
 MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MSG_FDS = 16
-#: How long a refused second client gets to say VERSION before it is simply closed.
-REFUSAL_GRACE = 2.0
+#: How long a refused second client gets to say VERSION before it is simply closed (QEMU sends
+#: it right after connecting; a peer that stays silent must not hold an fd for long).
+REFUSAL_GRACE = 1.0
 #: Replies are sent at least every this many messages of a pipelined burst, so a long burst
 #: neither waits for its end nor keeps the other sessions from running.
 MAX_BATCH = 64
@@ -152,6 +154,7 @@ class Session:
             self.function.reset()
             self.dma.close()
             self.channel.close()
+            close_fds(self.conn.discard_buffered())  # messages never read: their fds too
             if self._on_closed is not None:
                 self._on_closed()
 
@@ -262,7 +265,7 @@ class Session:
         handler = self._handlers.get(type(ev))
         if handler is None:
             # Only replies to our own requests land here, and we make none yet.
-            close_fds(getattr(ev, "fds", ()) or ())
+            close_fds(event_fds(ev))
             raise SessionEnded(f"unexpected {type(ev).__name__}")
         msg_id = ev.msg_id
         no_reply = getattr(ev, "no_reply", False)
@@ -333,6 +336,9 @@ class Session:
         return IrqInfoReply(info.flags, info.index, info.count, msg_id=_id(ev))
 
     def _set_irqs(self, ev: DeviceSetIrqs) -> Reply:
+        if not all(map(is_eventfd, ev.fds)):
+            close_fds(ev.fds)
+            raise OSError(errno.EINVAL, "SET_IRQS fds must be eventfds")
         # The function owns the fds from here on, even when it refuses them.
         self.function.set_irqs(ev.index, ev.flags, ev.start, ev.count, list(ev.fds))
         return SetIrqsReply(msg_id=_id(ev))
@@ -410,10 +416,7 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
                     continue
                 if event is CLOSED:
                     return
-                close_fds(getattr(event, "fds", ()) or ())
-                fd = getattr(event, "fd", None)
-                if fd is not None:
-                    close_fds([fd])
+                close_fds(event_fds(event))
                 if isinstance(event, Version) and event.msg_id is not None:
                     out = conn.send(ErrorReply(event.msg_id, int(event.command), err))
                     await channel.send(out.data, out.fds)
@@ -423,3 +426,4 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
     finally:
         log.warning("function %s: refused a client (%s)", name, errno.errorcode.get(err, err))
         channel.close()
+        close_fds(conn.discard_buffered())
