@@ -6,7 +6,7 @@
   host finds every round's bytes in the VF's backing file. QEMU must stay alive throughout: a
   function with an MSI-X capability makes QEMU 11.1.3 abort a second after device_del
   (docs/qemu-quirks.md), which is why vfiod's NVMe function offers MSI. Each device_add is sent
-  the moment DEVICE_DELETED arrives, when QEMU has just closed the previous connection.
+  the moment DEVICE_DELETED arrives: QEMU closed the previous connection just before.
 * A QEMU is SIGKILLed while its guest writes to the VF, and a new QEMU started at once on the
   same VF socket attaches and does checked I/O; the daemon serves throughout.
 
