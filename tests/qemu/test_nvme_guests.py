@@ -28,6 +28,7 @@ echo "@@VFIOD model=$(cat /sys/class/nvme/nvme0/model | tr -d ' ')"
 dd if=/pattern of=$dev bs=1M count=4 oflag=direct 2>/dev/null || echo "@@VFIOD error=write"
 dd if=$dev of=/back bs=1M count=4 iflag=direct 2>/dev/null || echo "@@VFIOD error=read"
 echo "@@VFIOD wrote=$(md5sum < /pattern | cut -d' ' -f1) read=$(md5sum < /back | cut -d' ' -f1)"
+echo "@@VFIOD msi=$(grep nvme /proc/interrupts | grep -c MSI)"
 """
 
 
@@ -56,6 +57,7 @@ def check_guest(res: GuestResult, pattern: bytes) -> None:
     assert "error" not in res.markers, res.tail()
     digest = hashlib.md5(pattern).hexdigest()
     assert res.markers["wrote"] == digest and res.markers["read"] == digest, res.tail()
+    assert int(res.markers["msi"]) >= 1, "the nvme driver is not on MSI"
 
 
 @pytest.mark.qemu

@@ -57,6 +57,7 @@ dd if=$dev of=/back bs=1M count=4 iflag=direct 2>/dev/null || echo "@@VFIOD erro
 t2=$(cs)
 echo "@@VFIOD write_cs=$((t1 - t0)) read_cs=$((t2 - t1))"
 echo "@@VFIOD wrote=$(md5sum < /pattern | cut -d' ' -f1) read=$(md5sum < /back | cut -d' ' -f1)"
+echo "@@VFIOD msi=$(grep nvme /proc/interrupts | grep -c MSI)"
 """
 
 
@@ -155,6 +156,7 @@ async def run_pseries(
     assert "error" not in res.markers, res.tail()
     digest = hashlib.md5(pattern).hexdigest()
     assert res.markers["wrote"] == digest and res.markers["read"] == digest, res.tail()
+    assert int(res.markers["msi"]) >= 1, "the nvme driver is not on MSI (pSeries-PCI-MSI)"
     data = (tmp_path / "nvme0.img").read_bytes()
     assert len(data) == NS_SIZE
     assert data[:PATTERN_BYTES] == pattern, "backing file differs from the guest's pattern"

@@ -12,9 +12,14 @@ BAR0 (16 KiB, 64-bit, non-prefetchable, every access is a message):
 ============ =================================================================================
 0x0000       controller registers: CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ
 0x1000       doorbells, CAP.DSTRD = 0: SQ y tail at 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4
-0x2000       MSI-X table (``io_queues + 1`` vectors; at most 256 fit the page)
-0x3000       MSI-X PBA
+0x2000       MSI-X table (``io_queues + 1`` vectors; at most 256 fit the page), with ``msix=True``
+0x3000       MSI-X PBA, with ``msix=True``
 ============ =================================================================================
+
+Interrupts. By default an MSI cap asking for the power of two above ``io_queues`` (at most 32
+vectors), 64-bit, with INTMS/INTMC masking vectors as NVMe defines for MSI; ``msix=True`` puts
+an MSI-X table and PBA in BAR0 instead. MSI is the default because QEMU 11.1 aborts when a
+vfio-user function with MSI-X is hot-unplugged (docs/qemu-quirks.md).
 
 Queues. Doorbell writes arrive as posted REGION_WRITEs on the session's task; a SQ tail write
 runs the SQ up to the new tail right there: fetch entries (one DMA read per run of entries),
@@ -174,6 +179,7 @@ from vfiod.devices.nvme.identify import (
 )
 from vfiod.devices.nvme.prp import NvmeStatus, Piece, prp_pieces
 from vfiod.metrics import Family, Histogram
+from vfiod.pci.caps import MSI_MAX_VECTORS
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.dma import IOV_MAX, DmaFault, zero_copy
 from vfiod.pci.function import PciFunction
@@ -364,6 +370,7 @@ class NvmeController(PciFunction):
         subsystem_id: int = 0,
         cntlid: int = 0,
         mdts: int = 8,
+        msix: bool = False,
     ) -> None:
         if block_size not in (512, 4096):
             raise ValueError("block_size must be 512 or 4096")
@@ -433,7 +440,10 @@ class NvmeController(PciFunction):
         bar0.map(0, REGS_SIZE, _Registers(self))
         bar0.map(DOORBELL_BASE, DOORBELL_SIZE, _Doorbells(self))
         self.add_bar(0, bar0, BarSpec(BAR0_SIZE, BarKind.MEM64))
-        self.add_msix(io_queues + 1, 0, MSIX_TABLE_OFFSET, 0, MSIX_PBA_OFFSET)
+        if msix:
+            self.add_msix(io_queues + 1, 0, MSIX_TABLE_OFFSET, 0, MSIX_PBA_OFFSET)
+        else:
+            self.add_msi(min(MSI_MAX_VECTORS, 1 << io_queues.bit_length()))
         self.seal()
 
         self.temperature = 303  #: composite temperature reported, Kelvin
@@ -526,8 +536,10 @@ class NvmeController(PciFunction):
             self.intms |= value
             self._update_intx()
         elif reg == REG_INTMC:
+            unmasked = self.intms & value
             self.intms &= ~value
             self._update_intx()
+            self._raise_unmasked(unmasked)
         elif reg == REG_CSTS:
             if value & CSTS_NSSRO:
                 self.csts &= ~CSTS_NSSRO
@@ -704,21 +716,32 @@ class NvmeController(PciFunction):
     # ---- interrupts ---------------------------------------------------------------------------
 
     def _flush_irqs(self) -> None:
-        if self.irq.msix_enabled:
+        if self.irq.msg_enabled:
             if self.irq.intx_level:
                 self.irq.deassert_intx()
+            # INTMS masks MSI vectors (not MSI-X); INTMC raises the ones still owed.
+            masked = 0 if self.irq.msix_enabled else self.intms
             for qid in self._irq_pending:
                 cq = self.cqs.get(qid)
-                if cq is not None and cq.vector < (self.msix.vectors if self.msix else 0):
-                    self.irq.fire_msix(cq.vector)
+                if cq is not None and cq.vector < self.vectors and not masked >> cq.vector & 1:
+                    self.irq.fire_vector(cq.vector)
             self._irq_pending.clear()
             return
         self._irq_pending.clear()
         self._update_intx()
 
+    def _raise_unmasked(self, bits: int) -> None:
+        """MSI vectors just unmasked through INTMC whose CQs hold unconsumed entries fire."""
+        if not bits or not self.irq.msi_enabled or self.irq.msix_enabled:
+            return
+        owed = {cq.vector for cq in self.cqs.values() if cq.ien and cq.pending}
+        for vector in sorted(owed):
+            if bits >> vector & 1 and vector < self.vectors:
+                self.irq.fire_vector(vector)
+
     def _update_intx(self) -> None:
         """Pin-based level: any interrupt-enabled CQ with unconsumed entries, INTMS bit 0 clear."""
-        if self.irq.msix_enabled:
+        if self.irq.msg_enabled:
             return
         level = not self.intms & 1 and any(cq.ien and cq.pending for cq in self.cqs.values())
         if level and not self.irq.intx_level:
@@ -916,7 +939,7 @@ class NvmeController(PciFunction):
         if ((self.cc >> CC_IOCQES_SHIFT) & 0xF) != CQES_LOG2:
             raise NvmeStatus(SC_INVALID_FIELD)
         self._check_queue_memory(cmd, bool(flags & 0x1))
-        if self.msix is None or vector >= self.msix.vectors:
+        if vector >= self.vectors:
             raise NvmeStatus(SC_INVALID_VECTOR)
         self.cqs[qid] = CompletionQueue(qid, cmd.prp1, qsize, vector=vector, ien=bool(flags & 0x2))
         return 0
@@ -992,7 +1015,7 @@ class NvmeController(PciFunction):
             return f.irq_coalesce
         if fid == FEAT_IRQ_CONFIG:
             vector = cdw11 & 0xFFFF
-            if self.msix is None or vector >= self.msix.vectors:
+            if vector >= self.vectors:
                 raise NvmeStatus(SC_INVALID_FIELD)
             return vector | (f.irq_config.get(vector, 0) << 16)
         if fid == FEAT_WRITE_ATOMIC:
@@ -1079,7 +1102,7 @@ class NvmeController(PciFunction):
             f.irq_coalesce = value & 0xFFFF
         elif fid == FEAT_IRQ_CONFIG:
             vector = value & 0xFFFF
-            if self.msix is None or vector >= self.msix.vectors:
+            if vector >= self.vectors:
                 raise NvmeStatus(SC_INVALID_FIELD)
             f.irq_config[vector] = (value >> 16) & 1
         elif fid == FEAT_WRITE_ATOMIC:
