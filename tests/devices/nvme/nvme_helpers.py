@@ -20,11 +20,14 @@ ADMIN_DEPTH = 32
 
 
 class FakeDma:
-    """IOVA space = one bytearray at BASE; ranges in ``holes`` (and anything outside) fault."""
+    """IOVA space = one bytearray at BASE; ranges in ``holes`` (and anything outside) fault,
+    ranges in ``readonly`` fault on device writes only. A read/write-only DMA view (no
+    ``iovecs``): the controller's copy path for views that cannot translate ahead."""
 
     def __init__(self, size: int = 8 << 20) -> None:
         self.mem = bytearray(size)
         self.holes: list[tuple[int, int]] = []
+        self.readonly: list[tuple[int, int]] = []
         self.reads = 0
         self.writes = 0
 
@@ -32,7 +35,7 @@ class FakeDma:
         off = iova - BASE
         if off < 0 or off + n > len(self.mem):
             raise DmaFault(iova, n, write, "unmapped")
-        for start, size in self.holes:
+        for start, size in self.holes + (self.readonly if write else []):
             if iova < start + size and start < iova + n:
                 raise DmaFault(iova, n, write, "hole")
         return slice(off, off + n)
