@@ -193,7 +193,7 @@ class NvmeController(PciFunction):
         subsystem_id: int = 0,
         cntlid: int = 0,
         mdts: int = 8,
-        shadow_doorbells: bool = False,
+        shadow_doorbells: bool = True,
     ) -> None:
         if block_size not in (512, 4096):
             raise ValueError("block_size must be 512 or 4096")
