@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from nvme_helpers import PAGE, FakeDma, GuestRam, Host, count, efd, need_event
 
+from vfiod import config
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.devices.nvme import constants as K
 from vfiod.devices.nvme.queues import EVENTIDX_QUIET
+from vfiod.host import make_function, vf_config
 from vfiod.pci.constants import IRQ_INTX, IRQ_MSIX, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD
 
 EVT = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
@@ -63,6 +65,25 @@ def test_oacs_bit_8_and_the_option_to_turn_it_off(tmp_path: Path) -> None:
             assert cqe.sc == (0 if shadow else K.SC_INVALID_OPCODE)
         finally:
             c.close()
+
+
+def test_config_file_option_reaches_pf_and_vfs(tmp_path: Path) -> None:
+    text = (
+        '[[phb]]\nindex = 0\n[[function]]\nname = "nvme0"\npersonality = "nvme"\n'
+        f'backing = "{tmp_path / "pf.img"}"\nsize = "1M"\ntotalvfs = 2\nnumvfs = 1\n'
+        "shadow_doorbells = false\n"
+    )
+    pf = config.parse(text, "test").functions[0]
+    assert pf.shadow_doorbells is False
+    for fc in (pf, vf_config(pf, 0)):
+        fn = make_function(fc)
+        try:
+            assert isinstance(fn, NvmeController) and not fn.identity.oacs & K.OACS_DBBUF
+        finally:
+            fn.close()
+    assert config.parse(text.replace("false", "true"), "t").functions[0].shadow_doorbells
+    with pytest.raises(config.ConfigError, match="shadow_doorbells"):
+        config.parse(text.replace("false", '"no"'), "test")
 
 
 def test_config_checks_alignment_and_memory(ioq: Host) -> None:
