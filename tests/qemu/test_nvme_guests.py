@@ -3,6 +3,9 @@
 Two x86_64 guests run at the same time, each attached to its own VF of one NVMe PF; each
 writes its own pattern with direct I/O and reads it back; then every function's backing file
 must hold exactly its own guest's bytes (isolation, byte for byte) and the PF's stays empty.
+Once with shadow doorbells (Linux configures them as soon as OACS bit 8 is set: its I/O
+queues then ring the MMIO doorbells only when EventIdx asks for it) and once without
+(``shadow_doorbells = false``: every doorbell is an MMIO write, a vfio-user message).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import trio
 
 from vfiod import config
 from vfiod.daemon import Daemon
+from vfiod.devices.nvme import NvmeController
+from vfiod.devices.nvme import constants as K
 from vfiod.qemu import GuestResult, QemuNotProvisioned, guest_image, run_guest
 
 PATTERN_BYTES = 4 << 20
@@ -39,13 +44,13 @@ def provisioned() -> None:
         pytest.fail(str(exc), pytrace=False)
 
 
-def nvme_config(tmp_path: Path, numvfs: int) -> config.Config:
+def nvme_config(tmp_path: Path, numvfs: int, shadow: bool = True) -> config.Config:
     """One NVMe PF whose VFs each get their own namespace file (``pf-vf<n>.img``)."""
     text = (
         '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
         f'[[function]]\nname = "nvme0"\npersonality = "nvme"\n'
         f'backing = "{tmp_path / "pf.img"}"\nsize = "{NS_SIZE}"\n'
-        f"totalvfs = 4\nnumvfs = {numvfs}\n"
+        f"totalvfs = 4\nnumvfs = {numvfs}\nshadow_doorbells = {str(shadow).lower()}\n"
     )
     parsed = config.parse(text, "test")
     return config.Config(tmp_path, parsed.functions, phbs=parsed.phbs)
@@ -58,9 +63,31 @@ def check_guest(res: GuestResult, pattern: bytes) -> None:
     assert res.markers["wrote"] == digest and res.markers["read"] == digest, res.tail()
 
 
+def check_doorbells(ctrl: NvmeController, shadow: bool) -> None:
+    """The guest configured shadow doorbells exactly when offered, and then its I/O queues'
+    CQ heads (one update per interrupt without shadows) left the MMIO doorbell alone."""
+    stats = ctrl.stats
+    configs = stats.commands.get(("admin", K.ADM_DBBUF_CONFIG), 0)
+    admin = sum(n for (queue, _), n in stats.commands.items() if queue == "admin")
+    io = sum(n for (queue, _), n in stats.commands.items() if queue == "io")
+    sq_writes, cq_writes = stats.doorbells
+    summary = f"admin {admin}, io {io}, MMIO doorbells: SQ {sq_writes}, CQ {cq_writes}"
+    print(f"\nshadow doorbells {'on' if shadow else 'off'}: {summary}")
+    assert io >= 8, summary
+    if shadow:
+        assert configs >= 1, summary
+        assert cq_writes <= admin + 2, summary  # only the admin queue's (MMIO by design)
+    else:
+        assert configs == 0, summary
+        assert cq_writes > admin, summary
+
+
 @pytest.mark.qemu
-async def test_two_x86_guests_each_on_its_own_vf(provisioned: None, tmp_path: Path) -> None:
-    daemon = Daemon(nvme_config(tmp_path, numvfs=2))
+@pytest.mark.parametrize("shadow", [True, False], ids=["shadow-doorbells", "mmio-doorbells"])
+async def test_two_x86_guests_each_on_its_own_vf(
+    provisioned: None, tmp_path: Path, shadow: bool
+) -> None:
+    daemon = Daemon(nvme_config(tmp_path, numvfs=2, shadow=shadow))
     vfs = [slot for slot in daemon.host.slots if slot.kind == "vf"]
     assert [vf.name for vf in vfs] == ["nvme0-vf0", "nvme0-vf1"]
     patterns = {vf.name: os.urandom(PATTERN_BYTES) for vf in vfs}
@@ -86,6 +113,8 @@ async def test_two_x86_guests_each_on_its_own_vf(provisioned: None, tmp_path: Pa
         assert data[:PATTERN_BYTES] == patterns[vf.name], f"{vf.name}: backing file differs"
         assert data[PATTERN_BYTES:].count(0) == NS_SIZE - PATTERN_BYTES, f"{vf.name}: stray writes"
         assert vf.endpoint.sessions_total == 1 and vf.endpoint.errors_total == 0
+        assert isinstance(vf.function, NvmeController)
+        check_doorbells(vf.function, shadow)
     # the PF's own namespace was never touched
     assert (tmp_path / "pf.img").read_bytes().count(0) == NS_SIZE
     assert not daemon.host.clients

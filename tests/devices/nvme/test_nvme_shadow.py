@@ -130,6 +130,9 @@ def test_io_on_shadow_doorbells_rings_sq_once_per_batch_and_cq_only_on_wrap(sh: 
     cq_rings = [m for m in sh.mmio if m == (1, True)]
     assert len(sq_rings) == n + 2  # the controller is always caught up: each submission rings
     assert len(cq_rings) == 2  # the host's CQ head only rang when it wrapped
+    assert sh.ctrl.stats.doorbells[1] < sh.ctrl.stats.doorbells[0] // 10  # and it counts them
+    text = "\n".join(f.render() for f in sh.ctrl.metrics("n"))
+    assert 'vfiod_nvme_doorbell_writes_total{function="n",queue="cq"}' in text
     assert sh.skipped.count((1, True)) == n + 2 - 2
     dbs, eis = sh.shadow or (0, 0)
     assert sh.slot(eis, 1, True) == EVENTIDX_QUIET

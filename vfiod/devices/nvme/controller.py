@@ -144,10 +144,11 @@ class _Doorbells:
             return
         if size != 4 or offset & 3:
             return  # doorbells are dword registers
+        qid, is_cq = divmod(offset // 4, 2)
+        self.ctrl.stats.doorbells[is_cq] += 1
         queues = self.ctrl.queues
         if queues is None:
             return  # not enabled (or fatal and reset since): ignored
-        qid, is_cq = divmod(offset // 4, 2)
         if is_cq:
             queues.cq_doorbell(qid, value & 0xFFFF)
         else:
@@ -161,6 +162,8 @@ class NvmeStats:
         self.commands: dict[tuple[str, int], int] = {}
         self.errors: dict[tuple[str, int], int] = {}
         self.latency = Histogram()
+        #: MMIO doorbell writes: [SQ tail, CQ head] (shadow doorbells make them rare)
+        self.doorbells = [0, 0]
 
     def record(self, admin: bool, opcode: int, status: int, seconds: float) -> None:
         key = ("admin" if admin else "io", opcode)
@@ -535,7 +538,11 @@ class NvmeController(PciFunction):
                          "Time from fetching an NVMe command to its completion.")
         latency.add_histogram(Histogram.BUCKETS, self.stats.latency.counts,
                               self.stats.latency.total, function=function)
-        return [commands, errors, read, written, latency]
+        doorbells = Family("vfiod_nvme_doorbell_writes_total", "counter",
+                           "MMIO doorbell writes (each one a vfio-user message).")
+        doorbells.add(self.stats.doorbells[0], function=function, queue="sq")
+        doorbells.add(self.stats.doorbells[1], function=function, queue="cq")
+        return [commands, errors, read, written, latency, doorbells]
 
 
 __all__ = ["Command", "NvmeController"]
