@@ -82,6 +82,8 @@ class FunctionConfig:
     #: nvme PF: where VF n keeps its namespace ("{n}" is the VF number); default: next to the
     #: PF's namespace as <stem>-vf<n><suffix>
     vf_backing: str | None = None
+    #: nvme: advertise shadow doorbells (Doorbell Buffer Config); a PF's VFs inherit it
+    shadow_doorbells: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def parse(text: str, source: str) -> Config:
             problems.append(f"{where}: must be a table")
             continue
         known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
-                      "vf_access", "vf_backing", *ACCESS_KEYS}
+                      "vf_access", "vf_backing", "shadow_doorbells", *ACCESS_KEYS}
         for key in sorted(set(raw) - known_keys):
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
         name = raw.get("name")
@@ -244,6 +246,13 @@ def parse(text: str, source: str) -> Config:
             problems.append(f"{where}.vf_backing: an absolute path with {{n}} for the VF number "
                             f"(nvme PFs only), got {vf_backing!r}")
             continue
+        shadow_doorbells = raw.get("shadow_doorbells", True)
+        if not isinstance(shadow_doorbells, bool) or (
+            personality != "nvme" and "shadow_doorbells" in raw
+        ):
+            problems.append(f"{where}.shadow_doorbells: true or false (nvme functions only), "
+                            f"got {shadow_doorbells!r}")
+            continue
         access = _parse_access(raw, where, problems)
         vf_access: list[SocketAccess] = []
         raw_vf_access = raw.get("vf_access", [])
@@ -261,7 +270,8 @@ def parse(text: str, source: str) -> Config:
         functions.append(
             FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
                            size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
-                           vf_access=tuple(vf_access), vf_backing=vf_backing)
+                           vf_access=tuple(vf_access), vf_backing=vf_backing,
+                           shadow_doorbells=shadow_doorbells)
         )
     names = {f.name for f in functions}
     for f in functions:

@@ -139,7 +139,7 @@ def test_identify_controller(host: Host) -> None:
     assert d[77] == 8  # MDTS: 1 MiB
     assert u32(d, 80) == 0x00010400
     assert d[111] == 1  # I/O controller
-    assert u16(d, 256) == 0  # OACS
+    assert u16(d, 256) == K.OACS_DBBUF  # OACS: Doorbell Buffer Config only
     assert d[259] == 3  # AERL
     assert d[261] & 0x04  # LPA: extended Get Log Page
     assert d[512] == 0x66 and d[513] == 0x44  # SQES, CQES
@@ -221,7 +221,7 @@ def test_identify_prp_offset_spanning_pages(host: Host) -> None:
 
 def test_unknown_admin_opcode_and_sgl(host: Host) -> None:
     assert host.admin(0x7F).sc == K.SC_INVALID_OPCODE
-    assert host.admin(0x7C).sc == K.SC_INVALID_OPCODE  # Doorbell Buffer Config
+    assert host.admin(0x7C, prp1=1).sc == K.SC_INVALID_FIELD  # DBBUF: unaligned buffer
     assert host.admin(0x06, cdw10=1, prp1=host.alloc(), flags=0x40).sc == K.SC_INVALID_FIELD
     assert host.admin(0x18).sc == 0  # Keep Alive
     assert host.admin(0x08, cdw10=1 | (5 << 16)).dw0 & 1  # Abort: not aborted
