@@ -319,6 +319,7 @@ class NvmeController(PciFunction):
         self.acq = 0
         self.csts = 0
         self._controller_reset()
+        self.mover.close()  # its bounce file too: a client leaves nothing of its own behind
 
     def close(self) -> None:
         super().close()

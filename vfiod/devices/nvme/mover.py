@@ -63,6 +63,7 @@ class DataMover:
         self._bounce = -1
 
     def close(self) -> None:
+        """Let go of the bounce file (made again on first use)."""
         if self._bounce >= 0:
             os.close(self._bounce)
             self._bounce = -1
