@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as E
+import functools
 import struct as _struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -330,6 +331,14 @@ class Codec:
     `decoders[kind][command]` and `encoders[kind][command]` are the hot-path entry points;
     `decode()`/`encode()` are the same with the table lookup done for you.
     """
+
+    @staticmethod
+    @functools.cache
+    def shared(byteorder: ByteOrder) -> Codec:
+        """The codec of a byte order, compiled once per process: a codec holds no state of
+        any connection, and compiling one costs milliseconds (every session makes a
+        Connection)."""
+        return Codec(byteorder)
 
     def __init__(self, byteorder: ByteOrder) -> None:
         self.structs = wire_structs(byteorder)

@@ -217,7 +217,7 @@ class Connection:
         self.max_msg_fds = max_msg_fds
         self.byteorder = byteorder
         self.state = State.START
-        self._codec = Codec(byteorder)
+        self._codec = Codec.shared(byteorder)
         self._header = self._codec.header_struct
         self._buffer = ReceiveBuffer()
         self._inbound: deque[_Pending] = deque()  # received requests awaiting our reply
