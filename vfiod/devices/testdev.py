@@ -101,7 +101,7 @@ STATUS_INVALID = 0x4
 
 MAX_HOST_DMA = 1 << 20
 
-_STORAGE = {REG_SCRATCH, REG_DMA_VECTOR, REG_DMA_LEN, REG_DMA_PATTERN}
+_STORAGE = {REG_DMA_VECTOR, REG_DMA_LEN, REG_DMA_PATTERN}
 _STORAGE64 = {REG_DMA_SRC, REG_DMA_DST}
 
 
@@ -111,10 +111,13 @@ class TestDevRegisters(DwordRegisters):
     def __init__(self, dev: TestDevice) -> None:
         self.dev = dev
         self.regs: dict[int, int] = {}
+        #: SCRATCH is plain memory: kept as bytes the session's fast path may serve itself
+        self.scratch = bytearray(4)
         self.reset()
 
     def reset(self) -> None:
         self.regs = {}
+        self.scratch[:] = bytes(4)
         self.isr = 0
         self.status = 0
         self.doorbells = 0
@@ -128,6 +131,8 @@ class TestDevRegisters(DwordRegisters):
             return ID_VALUE
         if reg == REG_VERSION:
             return VERSION_VALUE
+        if reg == REG_SCRATCH:
+            return int.from_bytes(self.scratch, "little")
         if reg == REG_ISR:
             return self.isr
         if reg == REG_DOORBELL_COUNT:
@@ -141,7 +146,10 @@ class TestDevRegisters(DwordRegisters):
         return self.regs.get(reg, 0)
 
     def _write32(self, reg: int, value: int, mask: int) -> None:
-        if reg in _STORAGE or any(reg in (r, r + 4) for r in _STORAGE64):
+        if reg == REG_SCRATCH:
+            old = int.from_bytes(self.scratch, "little")
+            self.scratch[:] = ((old & ~mask) | value).to_bytes(4, "little")
+        elif reg in _STORAGE or any(reg in (r, r + 4) for r in _STORAGE64):
             self.regs[reg] = (self.regs.get(reg, 0) & ~mask) | value
         elif reg == REG_DOORBELL:
             self.dev.doorbell(value)
@@ -186,9 +194,11 @@ class TestDevice(PciFunction):
         self.seal()
 
     def fast_ranges(self) -> list[FastRange]:
-        """Config space, and ID/VERSION: constants, so the session may answer them itself."""
+        """Config space; ID/VERSION (constants) and SCRATCH (plain memory): the session may
+        answer them itself."""
         ident = bytearray(struct.pack("<II", ID_VALUE, VERSION_VALUE))
-        return [*super().fast_ranges(), FastRange(REGS_BAR, REG_ID, ident, "ro")]
+        return [*super().fast_ranges(), FastRange(REGS_BAR, REG_ID, ident, "ro"),
+                FastRange(REGS_BAR, REG_SCRATCH, self.registers.scratch, "ram")]
 
     # ---- behaviour ----------------------------------------------------------------------------
 
