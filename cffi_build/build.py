@@ -111,7 +111,6 @@ struct vfu_session {
     int sock, wake_fd;
     uint32_t max_xfer;
     uint32_t max_msg;
-    uint32_t spin_us;
     uint32_t batch;
     struct vfiod_pe_dma *dma;
     struct vfu_range ranges[16];

@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "vfu.h"
@@ -359,19 +358,11 @@ static long process(struct vfu_session *s, int block)
     return 0;
 }
 
-static uint64_t now_us(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
-}
-
 /* One recvmsg into the buffer: 0 (bytes arrived), or VFU_EOF, VFU_NEED_DATA, VFU_STOPPED,
  * VFU_CTRUNC, VFU_PUNT (no room for more fd batches: the session reads on), -errno. */
 static long receive(struct vfu_session *s, int block)
 {
     char cbuf[CMSG_SPACE(VFU_RECV_FDS * sizeof(int))];
-    uint64_t spin_until = 0;
 
     if (s->rcap - s->rtail < RECV_ROOM)
         compact(s);
@@ -425,13 +416,6 @@ static long receive(struct vfu_session *s, int block)
             return -errno;
         if (!block)
             return VFU_NEED_DATA;
-        if (s->spin_us) {
-            uint64_t t = now_us();
-            if (!spin_until)
-                spin_until = t + s->spin_us;
-            if (t < spin_until)
-                continue;
-        }
         {
             struct pollfd p[2] = {{s->sock, POLLIN, 0}, {s->wake_fd, POLLIN, 0}};
             s->sleeps++;

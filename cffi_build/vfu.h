@@ -56,7 +56,6 @@ struct vfu_session {
     int sock, wake_fd;
     uint32_t max_xfer;              /* max_data_xfer_size */
     uint32_t max_msg;               /* largest acceptable message */
-    uint32_t spin_us;               /* busy-poll this long before sleeping (blocking runs) */
     uint32_t batch;                 /* replies sent at least every this many messages */
     uint8_t *rbuf;
     uint64_t rcap, rhead, rtail;    /* bytes rbuf[rhead, rtail) */

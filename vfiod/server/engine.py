@@ -52,7 +52,7 @@ class FastEngine:
     """One session's ``struct vfu_session``; see the module docstring."""
 
     def __init__(self, sock_fd: int, *, max_xfer: int, max_msg: int, dma_view: Any,
-                 ranges: Sequence[FastRange], spin_us: int = 0) -> None:  # fmt: skip
+                 ranges: Sequence[FastRange]) -> None:  # fmt: skip
         assert _fast is not None
         self._ffi = ffi = _fast.ffi
         self._lib = lib = _fast.lib
@@ -64,7 +64,6 @@ class FastEngine:
         self._s = raw
         self._keep: list[Any] = []  # buffers the C side points into
         s = raw
-        s.spin_us = int(os.environ.get("VFIOD_SPIN_US_EXPERIMENT", spin_us))
         if dma_view is not None:
             s.dma = dma_view
             self._keep.append(dma_view)
