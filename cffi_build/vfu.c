@@ -316,6 +316,9 @@ static int handle(struct vfu_session *s, const uint8_t *m, const struct hdr *h, 
 /* Handle the complete messages at the head of the buffer: 0 (need more data) or VFU_PUNT. */
 static long process(struct vfu_session *s, int block)
 {
+    uint32_t handled = 0;
+
+    s->streaming = 0;
     while (s->rtail - s->rhead >= HDR) {
         struct hdr h;
         uint64_t end;
@@ -349,6 +352,10 @@ static long process(struct vfu_session *s, int block)
         s->rpos += h.size;
         s->messages++;
         s->streak++;
+        /* several messages in one read, or one with an fd (each of those arrives in a read of
+         * its own): the peer is pipelining, so more is probably waiting already */
+        if (++handled > 1 || nfds)
+            s->streaming = 1;
         if (s->pending >= s->batch) {
             long rc = send_all(s, block);
             if (rc)
@@ -358,9 +365,19 @@ static long process(struct vfu_session *s, int block)
     return 0;
 }
 
+static long sleep_readable(struct vfu_session *s)
+{
+    struct pollfd p[2] = {{s->sock, POLLIN, 0}, {s->wake_fd, POLLIN, 0}};
+    s->sleeps++;
+    if (poll(p, 2, -1) < 0 && errno != EINTR)
+        return -errno;
+    return (p[1].revents & POLLIN) ? VFU_STOPPED : 0;
+}
+
 /* One recvmsg into the buffer: 0 (bytes arrived), or VFU_EOF, VFU_NEED_DATA, VFU_STOPPED,
- * VFU_CTRUNC, VFU_PUNT (no room for more fd batches: the session reads on), -errno. */
-static long receive(struct vfu_session *s, int block)
+ * VFU_CTRUNC, VFU_PUNT (no room for more fd batches: the session reads on), -errno.
+ * sleep_first: the peer waits for our replies, so a read now would only fail. */
+static long receive(struct vfu_session *s, int block, int sleep_first)
 {
     char cbuf[CMSG_SPACE(VFU_RECV_FDS * sizeof(int))];
 
@@ -368,6 +385,11 @@ static long receive(struct vfu_session *s, int block)
         compact(s);
     if (s->mcount == s->mcap)
         return VFU_PUNT;
+    if (block && sleep_first) {
+        long rc = sleep_readable(s);
+        if (rc)
+            return rc;
+    }
     for (;;) {
         struct iovec iov = {s->rbuf + s->rtail, s->rcap - s->rtail};
         struct msghdr mh = {0};
@@ -417,12 +439,9 @@ static long receive(struct vfu_session *s, int block)
         if (!block)
             return VFU_NEED_DATA;
         {
-            struct pollfd p[2] = {{s->sock, POLLIN, 0}, {s->wake_fd, POLLIN, 0}};
-            s->sleeps++;
-            if (poll(p, 2, -1) < 0 && errno != EINTR)
-                return -errno;
-            if (p[1].revents & POLLIN)
-                return VFU_STOPPED;
+            long rc = sleep_readable(s);
+            if (rc)
+                return rc;
         }
     }
 }
@@ -433,16 +452,30 @@ long vfu_run(struct vfu_session *s, int block)
 {
     for (;;) {
         long rc = process(s, block);
+        int replied;
         if (rc == VFU_PUNT) {
             long sent = send_all(s, block); /* the session's replies must come after ours */
             return sent ? sent : VFU_PUNT;
         }
         if (rc)
             return rc;
+        if (s->streaming && s->pending && s->pending < s->batch) {
+            /* a pipelining peer: read what else it sent before answering, one send for all */
+            rc = receive(s, 0, 0);
+            if (rc == 0)
+                continue;
+            if (rc != VFU_NEED_DATA) {
+                long sent = send_all(s, block);
+                return sent ? sent : rc;
+            }
+        }
+        /* A peer that waits for a reply cannot have sent more yet: after answering it, sleep
+         * first instead of trying a read that fails (one system call less per message). */
+        replied = s->slen > 0 && s->rhead == s->rtail && !s->streaming;
         rc = send_all(s, block);
         if (rc)
             return rc;
-        rc = receive(s, block);
+        rc = receive(s, block, replied);
         if (rc == VFU_PUNT) {
             rc = send_all(s, block);
             return rc ? rc : VFU_PUNT;

@@ -65,6 +65,7 @@ struct vfu_session {
     uint8_t *sbuf;
     uint64_t scap, slen;
     uint32_t pending;               /* replies in sbuf */
+    uint32_t streaming;             /* the last read looked pipelined (see process()) */
     struct vfiod_pe_dma *dma;       /* NULL: every DMA message punts */
     struct vfu_range ranges[VFU_MAX_RANGES];
     uint32_t nranges;
