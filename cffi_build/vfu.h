@@ -57,6 +57,7 @@ struct vfu_session {
     uint32_t max_xfer;              /* max_data_xfer_size */
     uint32_t max_msg;               /* largest acceptable message */
     uint32_t batch;                 /* replies sent at least every this many messages */
+    uint64_t spin_ns;               /* poll without sleeping this long before a blocking poll */
     uint8_t *rbuf;
     uint64_t rcap, rhead, rtail;    /* bytes rbuf[rhead, rtail) */
     uint64_t rpos;                  /* stream offset of rbuf[rhead] */

@@ -64,6 +64,7 @@ class FastEngine:
         self._s = raw
         self._keep: list[Any] = []  # buffers the C side points into
         s = raw
+        s.spin_ns = int(os.environ.get("VFIOD_SPIN_NS_EXPERIMENT", "0"))
         if dma_view is not None:
             s.dma = dma_view
             self._keep.append(dma_view)
