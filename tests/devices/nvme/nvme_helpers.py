@@ -67,8 +67,9 @@ class GuestRam:
     controller gets; ``peek``/``poke`` work on the memfd, never through the DMA view."""
 
     def __init__(
-        self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0
-    ) -> None:
+        self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0,
+        dma_fault: str = "freeze",
+    ) -> None:  # fmt: skip
         self.memfd = os.memfd_create("nvme-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, size)
         self.npages = size // PAGE
@@ -77,7 +78,7 @@ class GuestRam:
             random.Random(seed).shuffle(self.pages)
         self.view: Any
         if pe:
-            self.phb = spapr.Phb(index=0)
+            self.phb = spapr.Phb(index=0, dma_fault=dma_fault)
             self.pe: spapr.Pe | None = self.phb.new_pe()
             self.view = PeDma(self.phb, self.pe, ClientMemory(spapr.Client()))
         else:
