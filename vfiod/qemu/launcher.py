@@ -177,10 +177,11 @@ async def run_pseries(plan: LaunchPlan, timeout: float = PRELAUNCH_TIMEOUT) -> i
                                         cont=plan.cont)
                 if error is not None:
                     print(f"vfiod-qemu: {error}", file=sys.stderr, flush=True)
-                    if proc.returncode is None:
+                    if proc.returncode is None:  # we stop it: the failure is ours to report
                         proc.kill()
-                    status = await proc.wait()
-                    return _exit_status(status) or 1
+                        await proc.wait()
+                        return 1
+                    return _exit_status(proc.returncode) or 1
                 await exited.wait()
     finally:
         if proc.returncode is None:
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
         socket_dir = args.socket_dir or default_socket_dir()
         sockets += [socket_dir / f"{name}.sock" for name in args.vf]
-    if qemu and shutil.which(qemu[0]) is None:
+    if qemu and not args.dry_run and shutil.which(qemu[0]) is None:
         print(f"vfiod-qemu: {qemu[0]}: no such program", file=sys.stderr)
         return 2
     qmp_dir = Path(tempfile.mkdtemp(prefix="vfiod-qemu-"))
