@@ -1,8 +1,12 @@
-"""systemd/vfiod.service under a real systemd: a Debian trixie guest (init = systemd) boots under
-QEMU with the vfiod tree under test and the unit installed, and drives it with systemctl.
+"""The vfiod .deb and its vfiod.service under a real systemd: a Debian trixie guest (init =
+systemd) boots under QEMU, installs the package built from the tree under test (`make deb`) with
+dpkg, and drives the unit with systemctl.
 
 One boot (tests/systemd/guest/run.sh) runs every step and reports markers; the tests below each
 assert one behaviour on them:
+  * dpkg -i installs vfiod, vfiodctl, vfiod-qemu, the unit and the example; the postinst enables
+    and starts the service on the admin's /etc/vfiod/vfiod.toml (a conffile, kept); the
+    package's own default configuration passes --check-config
   * systemd-analyze verify passes on the installed unit
   * start: Type=notify, so `systemctl start` returns once vfiod sent READY=1, and at that moment
     every function socket listens and a function is usable (vendor id + DMA through the PE)
@@ -21,11 +25,10 @@ import time
 import pytest
 from sdguest import (
     GUEST_DIR,
-    UNIT,
     SystemdImage,
     boot_with_payload,
+    build_deb,
     make_payload,
-    stage_vfiod,
     systemd_image,
 )
 
@@ -72,19 +75,18 @@ def image() -> SystemdImage:
 def run(image: SystemdImage, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
     tmp = tmp_path_factory.mktemp("systemd-guest")
     t0 = time.monotonic()
-    stage = stage_vfiod(tmp / "stage")
+    deb = build_deb(tmp / "deb")
     payload = make_payload({
         "run.sh": (GUEST_DIR / "run.sh").read_text(),
         "probe.py": (GUEST_DIR / "probe.py").read_text(),
-        "vfiod.service": UNIT.read_text(),
         "conf/start.toml": START_TOML,
         "conf/reload.toml": RELOAD_TOML,
-        "stage/vfiod": stage,
+        "vfiod.deb": deb.read_bytes(),
     })  # fmt: skip
     t_stage = time.monotonic() - t0
     res = boot_with_payload(image, payload, tmp, timeout=900)
     (tmp / "console.log").write_text(res.console)  # the whole run, for a failure's post-mortem
-    print(f"systemd guest: staging {t_stage:.1f} s, {res.describe()}, "
+    print(f"systemd guest: make deb {t_stage:.1f} s, {res.describe()}, "
           f"boot {res.markers.get('uptime', '?')} s guest uptime; "
           f"start {res.markers.get('start_seconds')} s, reload {res.markers.get('reload_seconds')}"
           f" s (settled {res.markers.get('reload_settle_seconds')} s), "
@@ -106,6 +108,17 @@ def _ctx(res: GuestResult, *sections: str) -> str:
 def test_guest_ran_the_whole_script(run: GuestResult) -> None:
     assert not run.timed_out and run.exit_status == 0, run.tail(120)
     assert run.markers.get("install") == "ok", run.tail()
+
+
+def test_the_deb_installs_enables_and_starts_the_service(run: GuestResult) -> None:
+    m = run.markers
+    assert m.get("dpkg") == "0", _ctx(run, "dpkg")
+    assert m.get("deb_files") == "ok", _ctx(run, "dpkg")
+    assert m.get("deb_conffile") == "kept", _ctx(run, "dpkg")  # the admin's vfiod.toml
+    assert m.get("deb_enabled") == "enabled", _ctx(run, "dpkg")
+    assert m.get("deb_active") == "active", _ctx(run, "dpkg")
+    assert m.get("deb_sockets") == "control.sock,pf0.sock,test0.sock", _ctx(run, "dpkg")
+    assert m.get("deb_default_config") == "0", _ctx(run, "check")
 
 
 def test_systemd_analyze_verify_in_guest(run: GuestResult) -> None:
