@@ -95,7 +95,7 @@ unshare --mount --propagation private -- /bin/sh -c '
 mkdir -p "$OUT"
 debs=("$scratch"/*.deb)
 [[ -e ${debs[0]} ]] || { tail -n 40 "$scratch/build.log"; die "no .deb produced"; }
-rm -f "$OUT"/vfiod_*
+rm -f "$OUT"/vfiod_* "$OUT"/vfiod-dbgsym_*
 cp "$scratch"/*.deb "$scratch"/*.buildinfo "$scratch"/*.changes "$OUT/"
 cp "$scratch/build.log" "$OUT/build.log"
 for d in "$OUT"/*.deb; do
