@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # second clone or a second CI run on the same machine reuses them.
 export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
 
-.PHONY: venv run test test-fast test-cross cross-roots deb qemu guest-images systemd-image bench \
+.PHONY: venv run test test-fast test-cross cross-roots deb libvirt qemu guest-images systemd-image bench \
 	lint clean
 
 $(VENV)/.stamp: pyproject.toml setup.py cffi_build/build_tce.py cffi_build/tce.c
@@ -34,7 +34,7 @@ guest-images: qemu
 systemd-image: qemu
 	tools/build-systemd-image.sh
 
-test: venv qemu guest-images systemd-image deb cross-roots
+test: venv qemu guest-images systemd-image libvirt deb cross-roots
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-cross ARCH=ppc64el CROSS_TESTS="$(CI_CROSS_TESTS)"
 	$(MAKE) --no-print-directory test-cross ARCH=s390x CROSS_TESTS="$(CI_CROSS_TESTS)"
@@ -52,6 +52,10 @@ test-cross:
 cross-roots:
 	tools/build-cross-root.sh ppc64el
 	tools/build-cross-root.sh s390x
+
+# Debian's libvirtd and virsh, for tests/libvirt (docs/libvirt.md's recipes, run).
+libvirt:
+	tools/provision-libvirt.sh
 
 # build/deb/vfiod_<version>_<arch>.deb, built in a cached Debian trixie root (tools/build-deb.sh).
 deb:
