@@ -67,10 +67,11 @@ async def test_default_layout_is_announced(tmp_path: Path) -> None:
     for name in ("nvme0", "nvme0-vf0", "nvme1-vf1"):  # namespaces, sparse, made on first run
         img = tmp_path / "state" / f"{name}.img"
         assert img.stat().st_size == 1 << 30 and img.stat().st_blocks == 0
-    cmds = commands(text)
-    assert sorted(cmds) == ["nvme0-vf0", "nvme0-vf1", "nvme1-vf0", "nvme1-vf1"], text
-    assert "qemu-system-x86_64" in cmds["nvme0-vf0"] and "vfio-user-pci" in cmds["nvme0-vf0"]
-    assert "vfiod-qemu" in cmds["nvme1-vf0"] and "qemu-system-ppc64" in cmds["nvme1-vf0"]
+    # one boot command per VF, or (QEMU not provisioned, e.g. under tools/test-cross.sh) how
+    # to get QEMU
+    assert "Boot a guest on a VF" in text
+    assert sorted(commands(text)) == ["nvme0-vf0", "nvme0-vf1", "nvme1-vf0", "nvme1-vf1"] \
+        or "make run` provisions both" in text, text
 
 
 def nvme_read_bytes(metrics: str, function: str) -> int:
@@ -91,6 +92,9 @@ async def test_printed_boot_commands_work_as_printed(tmp_path: Path) -> None:
         pytest.fail(str(exc), pytrace=False)
     proc, text = await start(tmp_path)
     cmds = commands(text)
+    assert sorted(cmds) == ["nvme0-vf0", "nvme0-vf1", "nvme1-vf0", "nvme1-vf1"], text
+    assert "qemu-system-x86_64" in cmds["nvme0-vf0"] and "vfio-user-pci" in cmds["nvme0-vf0"]
+    assert "vfiod-qemu" in cmds["nvme1-vf0"] and "qemu-system-ppc64" in cmds["nvme1-vf0"]
     results: dict[str, subprocess.CompletedProcess[bytes]] = {}
     try:
         async def paste(vf: str) -> None:
