@@ -124,3 +124,17 @@ def test_cli_x86_exit_status_is_the_programs(tmp_path: Path) -> None:
         s.close()
     assert out.returncode == 7
     assert '-device {"driver":"vfio-user-pci"' in out.stdout and '"id":"f"' in out.stdout
+
+
+def test_boot_commands_never_fail_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vfiod prints the boot commands at start; under systemd (ProtectHome=) the cache is
+    unreadable. That must give a hint, not an exception (which would stop the daemon)."""
+    from vfiod.qemu import boot
+
+    def hidden(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", hidden)
+    out = boot.boot_commands([boot.BootTarget("nvme0-vf0", Path("/run/vfiod/nvme0-vf0.sock"),
+                                              "flat")])
+    assert len(out) == 1 and "Permission denied" in out[0][1]

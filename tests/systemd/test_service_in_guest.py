@@ -20,7 +20,11 @@ assert one behaviour on them:
 
 from __future__ import annotations
 
+import io
+import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from sdguest import (
@@ -72,10 +76,15 @@ def image() -> SystemdImage:
 
 
 @pytest.fixture(scope="module")
-def run(image: SystemdImage, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb of the tree under test (`make deb`'s script, into a scratch directory)."""
+    return build_deb(tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="module")
+def run(image: SystemdImage, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
     tmp = tmp_path_factory.mktemp("systemd-guest")
     t0 = time.monotonic()
-    deb = build_deb(tmp / "deb")
     payload = make_payload({
         "run.sh": (GUEST_DIR / "run.sh").read_text(),
         "probe.py": (GUEST_DIR / "probe.py").read_text(),
@@ -108,6 +117,33 @@ def _ctx(res: GuestResult, *sections: str) -> str:
 def test_guest_ran_the_whole_script(run: GuestResult) -> None:
     assert not run.timed_out and run.exit_status == 0, run.tail(120)
     assert run.markers.get("install") == "ok", run.tail()
+
+
+def test_the_deb_holds_the_commands_unit_config_and_example(deb: Path) -> None:
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
+                           check=True).stdout
+    for path in ("./usr/bin/vfiod", "./usr/bin/vfiodctl", "./usr/bin/vfiod-qemu",
+                 "./usr/lib/systemd/system/vfiod.service", "./etc/vfiod/vfiod.toml",
+                 "./usr/share/doc/vfiod/examples/nvme-sriov.toml",
+                 "./usr/lib/python3/dist-packages/vfiod/_tce.abi3.so",
+                 "./usr/lib/python3/dist-packages/vfiod/protocol/__init__.py"):
+        assert f" {path}\n" in files, (path, files)
+    control = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
+                             text=True, check=True).stdout
+    assert control.split() == ["/etc/vfiod/vfiod.toml"]
+    unit = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                          check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(unit)) as tar:
+        member = tar.extractfile("./usr/lib/systemd/system/vfiod.service")
+        assert member is not None
+        text = member.read().decode()
+    assert "ExecStart=/usr/bin/vfiod --config %E/vfiod/vfiod.toml" in text
+    assert "/opt/vfiod" not in text.replace("# Install: vfiod in a venv at /opt/vfiod", "")
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True,
+                             text=True, check=True).stdout
+    for dep in ("python3-trio", "python3-construct", "python3-cffi-backend",
+                "python3-sortedcontainers"):
+        assert dep in depends, depends
 
 
 def test_the_deb_installs_enables_and_starts_the_service(run: GuestResult) -> None:

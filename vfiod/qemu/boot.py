@@ -83,7 +83,7 @@ def boot_commands(targets: Sequence[BootTarget]) -> list[tuple[str, str]]:
     for target in targets:
         try:
             title, argv = boot_command(target)
-        except QemuNotProvisioned as exc:
+        except (QemuNotProvisioned, OSError) as exc:  # the announcement never stops vfiod
             return [("no QEMU with vfio-user-pci or no guest image yet",
                      f"# {exc}\n# (`make run` provisions both; or attach your own QEMU >= 10.1)")]
         out.append((title, format_multiline(argv)))

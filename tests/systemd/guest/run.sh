@@ -61,8 +61,7 @@ DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold vfiod.deb >dpkg.out 2>&1
 mark dpkg=$? dpkg_seconds=$(elapsed "$t")
 section dpkg cat dpkg.out
 files=ok
-for f in /usr/bin/vfiod /usr/bin/vfiodctl /usr/bin/vfiod-qemu /usr/lib/systemd/system/vfiod.service \
-        /usr/share/doc/vfiod/examples/nvme-sriov.toml; do
+for f in /usr/bin/vfiod /usr/bin/vfiodctl /usr/bin/vfiod-qemu /usr/lib/systemd/system/vfiod.service; do
     [ -e "$f" ] || files="missing:$f"
 done
 mark deb_files=$files deb_conffile=$(cmp -s conf/start.toml "$CONF" && echo kept || echo replaced) \
