@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 # second clone or a second CI run on the same machine reuses them.
 export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
 
-.PHONY: venv run test test-fast test-cross cross-roots deb libvirt qemu guest-images systemd-image bench \
-	lint clean
+.PHONY: venv run test test-fast test-cross cross-roots deb libvirt qemu guest-images systemd-image \
+	bench fuzz soak lint clean
 
-$(VENV)/.stamp: pyproject.toml setup.py cffi_build/build_tce.py cffi_build/tce.c
+$(VENV)/.stamp: pyproject.toml setup.py $(wildcard cffi_build/*.py cffi_build/*.c cffi_build/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -68,9 +68,22 @@ test-fast: venv
 bench: venv
 	$(PY) -m bench
 
+# A million hostile messages against a live daemon (make test runs 100,000); the report, with
+# the machine it ran on, goes to bench/results/. FUZZ_MESSAGES and FUZZ_SEED to vary.
+fuzz: venv
+	$(PY) tests/hostile/session_fuzz.py --messages $${FUZZ_MESSAGES:-1000000} \
+		$${FUZZ_SEED:+--seed $$FUZZ_SEED} --json bench/results/fuzz-$$(date -u +%Y%m%dT%H%M%SZ).json
+
+# x86 TCG guests: a QEMU SIGKILLed mid-I/O 100 times on one NVMe VF while another VF's guest
+# does checked I/O; the daemon's fds, locked memory and RSS must come back to the baseline
+# (make test runs 3 kills). The figures go to bench/results/. SOAK_KILLS to vary.
+soak: venv qemu guest-images
+	$(PY) tests/hostile/soak.py --kills $${SOAK_KILLS:-100} \
+		--json bench/results/soak-$$(date -u +%Y%m%dT%H%M%SZ).json
+
 lint: venv
 	$(VENV)/bin/ruff check vfiod protocol cffi_build tests bench examples tools
 	$(VENV)/bin/mypy vfiod protocol bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so
+	rm -rf $(VENV) build *.egg-info vfiod/_tce*.so vfiod/_fast*.so

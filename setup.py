@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["cffi_build/build_tce.py:ffibuilder"])
+setup(cffi_modules=["cffi_build/build.py:ffibuilder"])

@@ -13,7 +13,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import guest_bench, nvme_bench, protocol_bench, spapr_bench, vfio_user_bench
+from bench import (
+    boot_bench,
+    guest_bench,
+    layer_bench,
+    message_bench,
+    nvme_bench,
+    protocol_bench,
+    spapr_bench,
+    vfio_user_bench,
+)
 from bench.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info()}
     print("vfio-user round trips (daemon process vs AF_UNIX echo floor)...", flush=True)
     results["vfio_user"] = vfio_user_bench.run(n=n, pairs=n)
+    print("vfiod daemon vs a minimal Python responder, same blocking client...", flush=True)
+    results["messages"] = message_bench.run(
+        reads=2000 if args.quick else 20000, maps=2000 if args.quick else 10000,
+        storm=20000 if args.quick else message_bench.STORM_PAGES, rounds=1 if args.quick else 2,
+    )
+    print("CPU per message, layer by layer (in-process)...", flush=True)
+    results["layers"] = layer_bench.run(n=2000 if args.quick else 20000)
     print("vfio-user wire layer per message (sans-I/O)...", flush=True)
     results["protocol"] = protocol_bench.run()
     print("sPAPR TCE fast path (cffi vs Python twin)...", flush=True)
@@ -45,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             mib=16 if args.quick else 128, small=500 if args.quick else 4000,
             pseries=not args.no_pseries,
         )
+        if not args.no_pseries:
+            print("pseries boot with one vfiod NVMe VF vs without a device...", flush=True)
+            results["pseries_boot"] = boot_bench.run(rounds=1 if args.quick else 2)
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS / f"bench-{stamp}.json"
@@ -62,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in sp["cffi"].items():
             print(f"  {key}: cffi {value:,.0f}/s, python {sp['python'][key]:,.0f}/s "
                   f"({sp['speedup'][key]:.0f}x)")
+    _issue11_summary(results)
     guests = results.get("nvme_guests")
     if guests:
         print("  guest NVMe MB/s (vfiod VF | QEMU in-process | ratio):")
@@ -76,6 +96,45 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {key}: {ppc['ddw_64bit_window']['mb_per_s'][key]} | "
                       f"{ppc['tce32_per_tce']['mb_per_s'][key]} | {ratio}")
     return 0
+
+
+def _issue11_summary(results: dict[str, Any]) -> None:
+    """The per-message and boot rows of issue 11, with their targets."""
+    msg = results["messages"]
+    v, r, x = msg["vfiod"], msg["responder"], msg["vfiod_over_responder"]
+    print("  vfiod (power8 PHB) | minimal Python responder | ratio, same blocking client:")
+    rr_v, rr_r = v["region_read_4b"], r["region_read_4b"]
+    print(f"    REGION_READ 4 B round trip: {rr_v['median_us']:.1f} us (p99 {rr_v['p99_us']:.0f})"
+          f" | {rr_r['median_us']:.1f} us (p99 {rr_r['p99_us']:.0f}) | "
+          f"{x['region_read_round_trip']:.2f}x (target <= 0.7x)")
+    for key, label, target in (("dma_map_4k_pipelined", "DMA_MAP", "0.7"),
+                               ("dma_unmap_4k_pipelined", "DMA_UNMAP", "0.85")):
+        ratio = x["dma_map_rate" if label == "DMA_MAP" else "dma_unmap_rate"]
+        print(f"    {v[key]['n']:,} pipelined 4 KiB {label}s: {v[key]['per_s']:,.0f}/s | "
+              f"{r[key]['per_s']:,.0f}/s | {ratio:.2f}x (target >= {target}x)")
+    sv, sr = v["unmap_storm"], r["unmap_storm"]
+    print(f"    storm of {sv['n']:,} synchronous unmaps: {sv['per_s']:,.0f}/s | "
+          f"{sr['per_s']:,.0f}/s | {x['storm_rate']:.2f}x; server CPU "
+          f"{sv['server']['cpu_us']:.1f} | {sr['server']['cpu_us']:.1f} us/message")
+    layers = results.get("layers", {}).get("layer_cpu_us")
+    if layers:
+        print("  CPU per storm message by layer, in-process and warm (us): "
+              + ", ".join(f"{k} {layers[k]:.1f}" for k in layer_bench.LAYERS if k in layers))
+    boot = results.get("pseries_boot")
+    if boot:
+        with_vf = boot["with_vfiod_vf"]
+        print(f"  pseries boot: {boot['without_device']['seconds']:.1f} s without a device, "
+              f"{with_vf['seconds']:.1f} s with one vfiod VF: +{boot['difference_s']:.1f} s = "
+              f"{boot['difference_over_without']:.2f}x (target <= 3.0x)")
+        if with_vf["messages"]:
+            print(f"    {with_vf['messages']:,.0f} messages: the guest waited "
+                  f"{boot['difference_us_per_message']:.1f} us per message, the daemon's CPU "
+                  f"{with_vf['daemon_cpu_s']:.1f} s = "
+                  f"{with_vf['daemon_cpu_us_per_message']:.1f} us per message")
+    per_tce = results.get("nvme_guests", {}).get("ppc64le", {}).get("tce32_per_tce", {})
+    if per_tce.get("mb_per_s"):
+        print("  pseries 32-bit per-TCE dd (ddw=off) MB/s: "
+              + ", ".join(f"{k} {val}" for k, val in per_tce["mb_per_s"].items()))
 
 
 if __name__ == "__main__":

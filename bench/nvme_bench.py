@@ -1,7 +1,7 @@
 """NVMe data-path benchmark: zero-copy (preadv/pwritev straight into guest RAM) vs the copy path.
 
 In-process: an :class:`~vfiod.devices.nvme.NvmeController` whose DMA view is a
-:class:`~vfiod.server.pe_dma.PeDma` (every DMA through the function's PE and its TCE table, as
+:class:`~vfiod.spapr.PeDma` (every DMA through the function's PE and its TCE table, as
 in the daemon), guest RAM in a memfd mapped through DMA_MAP, a backing file in /tmp (written
 once first, so the page cache is warm). A tiny driver writes SQ entries into the memfd, rings
 the doorbell with a BAR0 write (as QEMU's posted REGION_WRITE would) and reaps completions, so
@@ -23,7 +23,7 @@ from typing import Any
 
 from vfiod import spapr
 from vfiod.devices.nvme import Command, NvmeController
-from vfiod.server.pe_dma import PeDma
+from vfiod.spapr import ClientMemory, PeDma
 
 PAGE = 4096
 BASE = 0x100000
@@ -41,7 +41,7 @@ class _Driver:
         self.memfd = os.memfd_create("nvme-bench-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, GUEST_BYTES)
         self.phb = spapr.Phb(index=0)
-        self.dma = PeDma(self.phb, self.phb.new_pe(), spapr.Client())
+        self.dma = PeDma(self.phb, self.phb.new_pe(), ClientMemory(spapr.Client()))
         self.dma.map(BASE, GUEST_BYTES, 0, 3, os.dup(self.memfd))
         self.ctrl.attach_dma(self.dma)
         self.ctrl.region_write(7, 0x04, struct.pack("<H", 0x6))  # MEM + bus master

@@ -13,6 +13,7 @@ from .capabilities import (
     encode_caps_json,
     server_capabilities,
 )
+from .codec import event_fds
 from .connection import (
     CLOSED,
     NEED_DATA,
@@ -104,7 +105,7 @@ __all__ = [
     "RegionWriteMultiReply", "RegionWriteReply", "RemoteProtocolError", "Reply", "Request",
     "Role", "Sentinel", "SetIrqsFlag", "SetIrqsReply", "SparseMmapCap", "State", "TypeCap",
     "UnknownCap", "Version", "VersionReply", "WRITE_MULTI_MAX_ENTRIES", "WireStructs",
-    "WriteMultiEntry", "build_region_caps", "decode_caps_json", "encode_caps_json",
+    "WriteMultiEntry", "build_region_caps", "decode_caps_json", "encode_caps_json", "event_fds",
     "make_region_info_reply", "parse_region_caps", "server_capabilities",
     "truncate_region_info", "wire_structs",
 ]

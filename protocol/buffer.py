@@ -71,6 +71,24 @@ class ReceiveBuffer:
             fds.extend(self._marks.popleft()[1])
         return chunk, tuple(fds)
 
+    def detach(self) -> list[tuple[bytes, tuple[int, ...]]]:
+        """Remove everything as pieces cut right after each fd batch's byte, so that feeding
+        the pieces in order (to this class or to another reader of the same stream) attributes
+        every fd to the message it came with."""
+        data = bytes(self._data)
+        pieces: list[tuple[bytes, tuple[int, ...]]] = []
+        start = 0
+        for last, fds in self._marks:
+            end = last - self._start + 1
+            pieces.append((data[start:end], fds))
+            start = end
+        if start < len(data):
+            pieces.append((data[start:], ()))
+        self._start += len(self._data)
+        self._data.clear()
+        self._marks.clear()
+        return pieces
+
     def take_all(self) -> tuple[bytes, tuple[int, ...]]:
         """Remove everything: used when the stream is broken and nothing can be parsed."""
         return self.take(len(self._data))

@@ -261,6 +261,20 @@ class Connection:
         """Ids of received requests we still owe a reply, in the order they must be answered."""
         return tuple(p.msg_id for p in self._inbound)
 
+    @property
+    def idle(self) -> bool:
+        """READY, every received request answered, the stream still open: a point where
+        another reader may take the stream over (``detach_buffer``) and give it back."""
+        return self.state is _READY and not self._inbound and not self._buffer.eof
+
+    def detach_buffer(self) -> list[tuple[bytes, tuple[int, ...]]]:
+        """Hand over the bytes (a partial message at most, when idle) and fds received but
+        not yet parsed, as pieces that keep each fd with its message when fed back in order
+        through ``receive_data``. The caller owns the fds from here on."""
+        if not self.idle:
+            raise LocalProtocolError("the stream can only be handed over while idle")
+        return self._buffer.detach()
+
     def next_msg_id(self) -> int:
         """A u16 id not used by any of our pending requests."""
         for _ in range(1 << 16):
@@ -287,6 +301,15 @@ class Connection:
             self._buffer.eof = True
             return
         self._buffer.feed(data, fds)
+
+    def discard_buffered(self) -> tuple[int, ...]:
+        """Drop every byte still buffered and return the fds that came with them.
+
+        For a peer that goes away (or is sent away) with messages unread: their fds are the
+        caller's to close, as are the fds of every event it took.
+        """
+        _, fds = self._buffer.take_all()
+        return fds
 
     def next_event(self) -> Event | Sentinel:
         """The next event, NEED_DATA, or CLOSED; raises RemoteProtocolError if fatal."""

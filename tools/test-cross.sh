@@ -7,7 +7,7 @@
 # The trixie root of that architecture comes from tools/build-cross-root.sh (cached in
 # $VFIOD_CACHE/cross/<arch>). This tree (tracked and untracked files, not .venv or build output)
 # is copied to a scratch directory, bind-mounted at /src in a private mount namespace, and built
-# there by the root's own python3 and gcc (`setup.py build`: the cffi module vfiod._tce is
+# there by the root's own python3 and gcc (`setup.py build`: the cffi module vfiod._fast is
 # compiled for the foreign architecture). pytest then runs from /tmp with the build on
 # PYTHONPATH, so `python -m vfiod` in the tests' subprocesses imports the same build. The cached
 # root is never written to.
@@ -77,11 +77,11 @@ echo "test-cross: $(uname -m), $(python3 --version), building vfiod (cffi module
 t0=$(date +%s)
 python3 setup.py -q build --build-base /tmp/build >/tmp/build.log 2>&1 || { cat /tmp/build.log; exit 1; }
 lib=$(ls -d /tmp/build/lib*)
-ls "$lib"/vfiod/_tce*.so >/dev/null
-echo "test-cross: built in $(( $(date +%s) - t0 )) s: $(cd "$lib" && ls vfiod/_tce*.so)"
+ls "$lib"/vfiod/_fast*.so >/dev/null
+echo "test-cross: built in $(( $(date +%s) - t0 )) s: $(cd "$lib" && ls vfiod/_fast*.so)"
 cd /tmp
 export PYTHONPATH=$lib:/tmp/src PYTHONDONTWRITEBYTECODE=1
-python3 -c "import sys, vfiod._tce; print(\"test-cross: byteorder\", sys.byteorder)"
+python3 -c "import sys, vfiod._fast; print(\"test-cross: byteorder\", sys.byteorder)"
 exec python3 -P -m pytest -p cross_pytest_plugin -p no:cacheprovider -q \
     -c /tmp/src/pyproject.toml --rootdir /tmp/src "$@"
 ' sh "$@"

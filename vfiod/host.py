@@ -35,7 +35,6 @@ from vfiod.pci.caps import SRIOV_CTRL, SRIOV_CTRL_MSE, SRIOV_CTRL_VFE, SRIOV_NUM
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.function import PciFunction
 from vfiod.server.endpoint import Endpoint
-from vfiod.server.pe_dma import PeDma
 from vfiod.server.session import Session
 from vfiod.transport import Channel, Peer
 
@@ -82,13 +81,18 @@ def vf_config(pf: FunctionConfig, n: int) -> FunctionConfig:
 
 @dataclass
 class ClientAccount:
-    """One peer process and the sessions it holds open."""
+    """One peer process and the sessions it holds open: its locked-memory account and its
+    RAM files (``memory.client`` is the account)."""
 
     peer: Peer
-    client: spapr.Client
+    memory: spapr.ClientMemory
     sessions: int = 0
     functions: set[str] = field(default_factory=set)
     since: float = field(default_factory=time.time)
+
+    @property
+    def client(self) -> spapr.Client:
+        return self.memory.client
 
 
 @dataclass
@@ -131,6 +135,8 @@ class Host:
             for pc in config.phbs
         }
         self.clients: dict[int, ClientAccount] = {}
+        #: host addresses of the clients' RAM files, the same on every PHB (reused as they go)
+        self.address_space = spapr.AddressSpace()
         self.slots: list[Slot] = []
         self._nursery: trio.Nursery | None = None
         self._numvfs_lock = trio.Lock()
@@ -386,8 +392,9 @@ class Host:
         def factory(function: PciFunction, channel: Channel, name: str, peer: Peer) -> Session:
             account = self._acquire(peer, slot.name)
 
-            def dma() -> PeDma:
-                return PeDma(slot.phb.phb, slot.pe, account.client, slot.phb.config.window_policy)
+            def dma() -> spapr.PeDma:
+                return spapr.PeDma(slot.phb.phb, slot.pe, account.memory,
+                                   slot.phb.config.window_policy)
 
             return Session(
                 function,
@@ -404,7 +411,7 @@ class Host:
         account = self.clients.get(peer.pid)
         if account is None:
             client = spapr.Client(memlock_limit=self.config.memlock_limit, name=f"pid{peer.pid}")
-            account = ClientAccount(peer, client)
+            account = ClientAccount(peer, spapr.ClientMemory(client, self.address_space))
             self.clients[peer.pid] = account
             log.info("client pid %d uid %d: new locked-memory account", peer.pid, peer.uid)
         account.sessions += 1
@@ -514,9 +521,12 @@ class Host:
                 ("vfiod_function_client_attached", "gauge", "1 while a client is attached."),
                 ("vfiod_function_dma_maps_total", "counter", "DMA_MAP requests applied."),
                 ("vfiod_function_dma_unmaps_total", "counter", "DMA_UNMAP requests applied."),
-                ("vfiod_function_dma_mappings", "gauge", "Live DMA mappings of the client."),
+                ("vfiod_function_dma_mapped_bytes", "gauge",
+                 "IOVA bytes the client has mapped (valid TCEs)."),
                 ("vfiod_pe_eeh_state", "gauge", "EEH state (0 normal, 2 stopped, 4 DMA stopped)."),
                 ("vfiod_pe_freezes_total", "counter", "Times the PE was frozen by a fault."),
+                ("vfiod_pe_dma_faults_total", "counter",
+                 "Device DMAs of the PE that faulted (frozen or not, by the PHB's dma_fault)."),
                 ("vfiod_pe_tces_in_use", "gauge", "Valid TCEs in the PE's windows."),
                 ("vfiod_client_locked_bytes", "gauge", "Locked memory charged to a client."),
                 ("vfiod_client_memlock_limit_bytes", "gauge", "The client's locked-memory limit."),
@@ -528,9 +538,9 @@ class Host:
             live_maps = live_unmaps = live = messages = errors = 0
             if session is not None:
                 messages, errors = session.messages, session.errors
-                live = len(session.dma)
-                live_maps = getattr(session.dma, "maps_total", 0)
-                live_unmaps = getattr(session.dma, "unmaps_total", 0)
+                live = session.dma.mapped_bytes
+                live_maps = session.dma.maps_total
+                live_unmaps = session.dma.unmaps_total
             fam["vfiod_function_sessions_total"].add(ep.sessions_total, **labels)
             fam["vfiod_function_refused_total"].add(ep.refused_total, **labels)
             fam["vfiod_function_messages_total"].add(ep.messages_total + messages, **labels)
@@ -539,10 +549,11 @@ class Host:
             fam["vfiod_function_dma_maps_total"].add(ep.dma_maps_total + live_maps, **labels)
             fam["vfiod_function_dma_unmaps_total"].add(ep.dma_unmaps_total + live_unmaps,
                                                        **labels)
-            fam["vfiod_function_dma_mappings"].add(live, **labels)
+            fam["vfiod_function_dma_mapped_bytes"].add(live, **labels)
             pe_labels = {"phb": s.phb.phb.index, "pe": s.pe.number, "function": s.name}
             fam["vfiod_pe_eeh_state"].add(s.pe.eeh_state, **pe_labels)
             fam["vfiod_pe_freezes_total"].add(s.pe.eeh.freeze_count, **pe_labels)
+            fam["vfiod_pe_dma_faults_total"].add(s.pe.fault_count, **pe_labels)
             tces = 0
             if s.pe.container is not None:
                 tces = sum(describe.tces_in_use(w) for w in s.pe.container.windows if w)

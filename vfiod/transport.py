@@ -22,7 +22,9 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import socket
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ import trio
 
 #: Bytes asked for per recvmsg; a whole REGION_WRITE of max_data_xfer_size arrives in a few calls.
 RECV_CHUNK = 256 * 1024
+#: A send that makes no progress for this long checks that the peer process still exists.
+SEND_STALL_CHECK = 5.0
 #: Ancillary room for this many fds per recvmsg. More than any legal message carries, so a
 #: peer that sends too many is seen (and refused) instead of silently truncated.
 RECV_MAX_FDS = 64
@@ -47,6 +51,9 @@ class Peer:
 
 _UCRED = struct.Struct("3i")
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's & runs Python code
+#: poll() bits that mean the other end is gone (an AF_UNIX stream raises POLLHUP once the
+#: peer's socket is released, which closes both directions).
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class Channel:
@@ -107,9 +114,24 @@ class Channel:
             self.fds_truncated = True
         return data, fds
 
+    def peer_gone(self) -> bool:
+        """Whether the peer has closed its end for good (its socket is released: a hang-up is
+        pending on ours), whatever data it left unread. A peer that only shut down its writing
+        half is still there: it may read our replies."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(ev & _GONE for _, ev in poller.poll(0))
+
     async def wait_readable(self) -> None:
         """Sleep until a receive() would not block (data, EOF or an error is pending)."""
         await trio.lowlevel.wait_readable(self.sock if self._raw is None else self._raw)
+
+    async def wait_writable(self) -> None:
+        """Sleep until the socket has room for more bytes."""
+        await trio.lowlevel.wait_writable(self.sock if self._raw is None else self._raw)
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message (or several, concatenated); fds travel with the first byte."""
@@ -147,11 +169,48 @@ class Channel:
         """The trio path (lock held): fds with the first sendmsg, the rest as it drains."""
         if fds:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            await self._wait_writable()
             sent = await self.sock.sendmsg([view], anc)
             view = view[sent:]
         while view:
+            await self._wait_writable()
             sent = await self.sock.send(view)
             view = view[sent:]
+
+    async def _wait_writable(self) -> None:
+        """Sleep until the socket takes bytes again; fail if the peer process has gone.
+
+        A socket can outlive its process: a peer that sends its own end over the connection
+        and exits leaves that end alive in our receive queue, which we do not read while we
+        wait for it to read our replies. Nothing would ever end that wait.
+        """
+        while True:
+            with trio.move_on_after(SEND_STALL_CHECK):
+                await trio.lowlevel.wait_writable(self.sock if self._raw is None else self._raw)
+                return
+            if self._peer_process_gone():
+                raise BrokenPipeError(
+                    errno.EPIPE, "the peer process is gone; its socket lives on only in flight"
+                )
+
+    def _peer_process_gone(self) -> bool:
+        try:
+            pid = self.peer().pid
+        except OSError:
+            return True
+        if pid <= 0:
+            return False  # in a pid namespace we cannot see: no way to tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # it exists (another user's)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
 
     def close(self) -> None:
         self.sock.close()
@@ -164,6 +223,24 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(payload) - len(payload) % 4
             fds.extend(array.array("i", payload[:usable]))
     return fds
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (what VFIO, too, insists on for interrupts).
+
+    Anything else kept as an interrupt fd could pin what the peer meant to let go: its own
+    connection passed back to us would keep that connection from ever reaching EOF, and its
+    function held for good. All anonymous inodes share one inode, so fstat() cannot tell an
+    eventfd from an epoll or io_uring fd; the /proc link can.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        pass
+    try:  # no /proc: at least an anonymous inode (no socket, pipe or file)
+        return stat.S_IFMT(os.fstat(fd).st_mode) == 0
+    except OSError:
+        return False
 
 
 def close_fds(fds: Sequence[int]) -> None:

@@ -60,7 +60,7 @@ async def test_metrics_follow_dma_faults_and_clients(tmp_path: Path) -> None:
             assert sample(text, "vfiod_function_client_attached", function="t") == 1
             assert sample(text, "vfiod_function_dma_maps_total", function="t") == 4
             assert sample(text, "vfiod_function_dma_unmaps_total", function="t") == 1
-            assert sample(text, "vfiod_function_dma_mappings", function="t") == 3
+            assert sample(text, "vfiod_function_dma_mapped_bytes", function="t") == 3 * 0x1000
             assert sample(text, "vfiod_pe_freezes_total", function="t") == 1
             assert sample(text, "vfiod_pe_eeh_state", function="t") == 2
             assert sample(text, "vfiod_pe_tces_in_use", function="t") == 3

@@ -299,3 +299,40 @@ def test_hostile_bytes_never_crash_or_leak(
 def _fds_of(ev: Event) -> tuple[int, ...]:
     fd_ = getattr(ev, "fd", None)
     return ((fd_,) if fd_ is not None else ()) + tuple(getattr(ev, "fds", ()))
+
+
+@settings(max_examples=300)
+@given(hostile_stream(), st.booleans(), st.integers(0, 12))
+def test_a_reader_that_stops_early_gets_every_fd_back_once(
+    stream: tuple[Order, Role, list[tuple[bytes, tuple[int, ...]]]], negotiated: bool, stop: int
+) -> None:
+    """A session that ends after `stop` events (a fatal message, a hang-up, a shutdown) owns the
+    fds of the events it took; discard_buffered() hands back all the others, none twice."""
+    order, role, chunks = stream
+    conn = pair(order)[0 if role is Role.CLIENT else 1] if negotiated else Connection(
+        role, byteorder=order)
+    if negotiated:
+        _prime(conn)
+    sent: list[int] = []
+    got: list[int] = []
+    taken = 0
+    for data, fds in chunks:
+        conn.receive_data(data, fds)
+        sent.extend(fds)
+        while taken < stop:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                got.extend(exc.fds)
+                taken = stop
+                break
+            if ev is NEED_DATA or ev is CLOSED:
+                break
+            assert isinstance(ev, Event)
+            taken += 1
+            got.extend(_fds_of(ev))
+        if taken >= stop:
+            break
+    got.extend(conn.discard_buffered())
+    assert sorted(got) == sorted(sent)
+    assert conn.discard_buffered() == ()

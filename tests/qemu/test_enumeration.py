@@ -11,7 +11,7 @@ from vfiod import config
 from vfiod.daemon import Daemon
 from vfiod.devices import testdev as td
 from vfiod.qemu import PCI_DUMP, QemuNotProvisioned, guest_image, parse_pci_dump, run_guest
-from vfiod.server.pe_dma import PeDma
+from vfiod.spapr import PeDma
 
 PCI_CAP_EXP = 0x10
 

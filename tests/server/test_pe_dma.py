@@ -12,7 +12,7 @@ import pytest
 
 from vfiod import spapr
 from vfiod.pci.dma import DmaFault
-from vfiod.server.pe_dma import MIN_WINDOW, PeDma
+from vfiod.spapr.pe_dma import MIN_WINDOW, ClientMemory, PeDma
 
 R, W, RW = 1, 2, 3
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -58,8 +58,14 @@ def phb() -> spapr.Phb:
 
 
 @pytest.fixture
-def dma(phb: spapr.Phb) -> Iterator[PeDma]:
-    d = PeDma(phb, phb.new_pe(), spapr.Client())
+def space() -> spapr.AddressSpace:
+    """The host's address space: shared by every client of a test, as in the daemon."""
+    return spapr.AddressSpace()
+
+
+@pytest.fixture
+def dma(phb: spapr.Phb, space: spapr.AddressSpace) -> Iterator[PeDma]:
+    d = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client(), space))
     yield d
     d.close()
 
@@ -80,13 +86,13 @@ def test_map_is_tce_update_and_dma_goes_through_it(dma: PeDma, ram: Ram) -> None
     dma.map(0x10000, 0x4000, 0x4000, RW, ram.fd())
     w = dma.window(0)
     assert w is not None and w.start == 0 and w.size == 2 * GiB and w.page_shift == 12
-    file = next(iter(dma._files.values()))
+    file = dma.files[0]
     assert w.get(0x11000) == (file.vaddr + 0x5000) | RW  # one TCE per 4 KiB page
     assert w.get(0x14000) == 0
     assert dma.read(0x11000, 20) == b"hello from the guest"
     dma.write(0x13FF0, b"x" * 16)
     assert ram.read(0x7FF0, 16) == b"x" * 16
-    assert len(dma) == 1 and dma.backing_count == 1
+    assert dma.mapped_bytes == 0x4000 and dma.backing_count == 1
 
 
 def test_replace_split_and_unmap_of_never_mapped(dma: PeDma, ram: Ram) -> None:
@@ -94,24 +100,24 @@ def test_replace_split_and_unmap_of_never_mapped(dma: PeDma, ram: Ram) -> None:
     ram.write(0x100000, b"B" * 0x4000)
     dma.map(0, 0x10000, 0, RW, ram.fd())
     dma.map(0x4000, 0x4000, 0x100000, RW, ram.fd())  # replaces the middle: no EEXIST
-    assert len(dma) == 3 and dma.backing_count == 1
+    assert dma.mapped_bytes == 0x10000 and dma.backing_count == 1
     assert dma.read(0x3FFE, 4) == b"AABB"
     assert dma.unmap(0x9000, 0x1000) == 0x1000  # splits the last piece
-    assert len(dma) == 4
+    assert dma.mapped_bytes == 0xF000
     assert dma.read(0x8000, 0x1000) == b"A" * 0x1000
     assert dma.read(0xA000, 0x1000) == b"A" * 0x1000
     # never mapped, inside and outside every window: success, nothing changes
     assert dma.unmap(0x100000, 0x1000) == 0
     assert dma.unmap(0x1_0000_0000, 0x10000) == 0
     assert dma.unmap(DMA64 + 0x1000, 0x1000) == 0
-    assert len(dma) == 4 and dma.pe.eeh_state == 0
+    assert dma.mapped_bytes == 0xF000 and dma.pe.eeh_state == 0
     with pytest.raises(DmaFault):
         dma.read(0x9000, 1)  # the hole left by the split
     assert dma.pe.eeh_state == spapr.EEH_PE_STATE_STOPPED_IO_DMA
     thaw(dma.pe)
     # one unmap covering several maps and the gaps between them
     assert dma.unmap(0, 0x20000) == 0xF000
-    assert len(dma) == 0
+    assert dma.mapped_bytes == 0
     w = dma.window(0)
     assert w is not None and all(w.get(a) == 0 for a in range(0, 0x10000, 0x1000))
 
@@ -120,7 +126,7 @@ def test_unmap_all(dma: PeDma, ram: Ram) -> None:
     dma.map(0, 0x10000, 0, RW, ram.fd())
     dma.map(DMA64, 0x10000, 0, RW, ram.fd())
     dma.unmap_all()
-    assert len(dma) == 0
+    assert dma.mapped_bytes == 0
     assert dma.backing_count == 1  # the registration stays while the client lives
     for iova in (0, DMA64):
         with pytest.raises(DmaFault):
@@ -170,7 +176,7 @@ def test_malformed_maps_change_nothing_and_close_their_fd(dma: PeDma, ram: Ram) 
             dma.unmap(iova, size)
         assert exc.value.errno == errno.EINVAL
     assert open_fd_count() == before
-    assert len(dma) == 0 and dma.backing_count == 0 and dma.window(1) is None
+    assert dma.mapped_bytes == 0 and dma.backing_count == 0 and dma.window(1) is None
     assert dma.client.locked_bytes == TABLE_2G
 
 
@@ -216,7 +222,7 @@ def test_power8_windows(dma: PeDma, ram: Ram) -> None:
 
 
 def test_flat_window(phb: spapr.Phb, ram: Ram) -> None:
-    dma = PeDma(phb, phb.new_pe(), spapr.Client(), policy="flat")
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()), policy="flat")
     try:
         assert dma.window(0) is None and dma.window(1) is None
         ram.write(0x3000, b"flat")
@@ -239,7 +245,7 @@ def test_flat_window(phb: spapr.Phb, ram: Ram) -> None:
 
 def test_bad_policy(phb: spapr.Phb) -> None:
     with pytest.raises(ValueError):
-        PeDma(phb, phb.new_pe(), spapr.Client(), policy="x86")
+        PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()), policy="x86")
 
 
 # -- permissions, faults, EEH ----------------------------------------------------------------------
@@ -319,9 +325,9 @@ def test_shrunk_client_file_is_a_fault_not_a_crash(dma: PeDma, ram: Ram) -> None
 
 
 def test_other_pe_is_isolated(phb: spapr.Phb, ram: Ram) -> None:
-    client = spapr.Client()
-    a = PeDma(phb, phb.new_pe(), client)
-    b = PeDma(phb, phb.new_pe(), client)
+    memory = ClientMemory(spapr.Client())
+    a = PeDma(phb, phb.new_pe(), memory)
+    b = PeDma(phb, phb.new_pe(), memory)
     try:
         a.map(0, 0x1000, 0, RW, ram.fd())
         with pytest.raises(DmaFault):
@@ -339,8 +345,9 @@ def test_other_pe_is_isolated(phb: spapr.Phb, ram: Ram) -> None:
 def test_same_file_charged_once_per_client(ram: Ram) -> None:
     phbs = [spapr.Phb(index=0), spapr.Phb(index=1)]
     client = spapr.Client(memlock_limit=64 * MiB)
-    dmas = [PeDma(phbs[0], phbs[0].new_pe(), client), PeDma(phbs[0], phbs[0].new_pe(), client),
-            PeDma(phbs[1], phbs[1].new_pe(), client)]  # fmt: skip
+    memory = ClientMemory(client)
+    dmas = [PeDma(phbs[0], phbs[0].new_pe(), memory), PeDma(phbs[0], phbs[0].new_pe(), memory),
+            PeDma(phbs[1], phbs[1].new_pe(), memory)]  # fmt: skip
     try:
         for i, d in enumerate(dmas):
             d.map(i * 0x10000, 0x10000, 0, RW, ram.fd())  # a new fd number every time
@@ -360,9 +367,12 @@ def test_same_file_charged_once_per_client(ram: Ram) -> None:
             d.close()
 
 
-def test_other_client_is_charged_separately(phb: spapr.Phb, ram: Ram) -> None:
+def test_other_client_is_charged_separately(
+    phb: spapr.Phb, ram: Ram, space: spapr.AddressSpace
+) -> None:
     a, b = spapr.Client(), spapr.Client()
-    da, db = PeDma(phb, phb.new_pe(), a), PeDma(phb, phb.new_pe(), b)
+    da = PeDma(phb, phb.new_pe(), ClientMemory(a, space))
+    db = PeDma(phb, phb.new_pe(), ClientMemory(b, space))
     try:
         da.map(0, ram.size, 0, RW, ram.fd())
         db.map(0, ram.size, 0, RW, ram.fd())
@@ -375,7 +385,7 @@ def test_other_client_is_charged_separately(phb: spapr.Phb, ram: Ram) -> None:
 def test_enomem_over_the_limit_changes_nothing(phb: spapr.Phb) -> None:
     small, big = Ram(1 * MiB), Ram(16 * MiB)
     client = spapr.Client(memlock_limit=TABLE_2G + 4 * MiB)
-    dma = PeDma(phb, phb.new_pe(), client)
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(client))
     try:
         dma.map(0, 0x10000, 0, RW, small.fd())
         locked = client.locked_bytes
@@ -384,7 +394,8 @@ def test_enomem_over_the_limit_changes_nothing(phb: spapr.Phb) -> None:
         with pytest.raises(OSError) as exc:
             dma.map(0x100000, 0x10000, 0, RW, big.fd())  # registering 16 MiB: over the limit
         assert exc.value.errno == errno.ENOMEM
-        assert client.locked_bytes == locked and len(dma) == 1 and dma.backing_count == 1
+        assert client.locked_bytes == locked and dma.mapped_bytes == 0x10000
+        assert dma.backing_count == 1
         assert open_fd_count() == fds
         w = dma.window(0)
         assert w is not None and w.get(0x100000) == 0
@@ -414,7 +425,8 @@ def test_close_releases_everything(phb: spapr.Phb) -> None:
     ram = Ram(1 * MiB)
     pe = phb.new_pe()
     client = spapr.Client()
-    dma = PeDma(phb, pe, client)
+    memory = ClientMemory(client)
+    dma = PeDma(phb, pe, memory)
     dma.map(0, 0x1000, 0, RW, ram.fd())
     one_file = open_fd_count()  # Python's mmap keeps a dup of its own: 2 fds per file
     for i in range(1, 100):
@@ -438,8 +450,9 @@ def test_close_releases_everything(phb: spapr.Phb) -> None:
     other.close()
     assert open_fd_count() == before
     # the PE can be given to the next client
-    again = PeDma(phb, pe, client)
+    again = PeDma(phb, pe, memory)
     again.close()
+    assert memory.space.in_use == 0  # every host address range was given back
 
 
 # -- scale: a guest IOMMU maps every 4 KiB page; a pseries guest clears its window at boot -----
@@ -454,7 +467,7 @@ def test_many_live_maps_and_never_mapped_unmaps_stay_cheap(dma: PeDma) -> None:
         for i in range(n):
             dma.map(base + i * 0x1000, 0x1000, i * 0x1000, RW, ram.fd())
         t_map = time.perf_counter() - t0
-        assert len(dma) == n and dma.backing_count == 1
+        assert dma.mapped_bytes == n * 0x1000 and dma.backing_count == 1
         w = dma.window(0)
         assert w is not None
         assert w.table.allocated_bytes <= (n // 512 + 2) * 4 * KiB  # ~ 8 bytes per live map
@@ -466,7 +479,8 @@ def test_many_live_maps_and_never_mapped_unmaps_stay_cheap(dma: PeDma) -> None:
         for i in range(262_144):
             dma.unmap(i * 0x1000, 0x1000)
         t_unmap = time.perf_counter() - t0
-        assert len(dma) == n and dma.read(base + 123 * 0x1000 + 7, 8) == b"page 123"
+        assert dma.mapped_bytes == n * 0x1000
+        assert dma.read(base + 123 * 0x1000 + 7, 8) == b"page 123"
 
         # I/O behind a guest IOMMU: map, DMA, unmap, with the 50,000 maps still live
         pairs = 20_000
@@ -478,12 +492,12 @@ def test_many_live_maps_and_never_mapped_unmaps_stay_cheap(dma: PeDma) -> None:
             dma.unmap(iova, 0x1000)
         t_pairs = time.perf_counter() - t0
         os.close(fd)
-        assert len(dma) == n
+        assert dma.mapped_bytes == n * 0x1000
 
         t0 = time.perf_counter()
         assert dma.unmap(base, n * 0x1000) == n * 0x1000
         t_big = time.perf_counter() - t0
-        assert len(dma) == 0 and w.get(base + 0x1000) == 0
+        assert dma.mapped_bytes == 0 and w.get(base + 0x1000) == 0
         print(
             f"\nPeDma: {n} live 4K maps {t_map:.2f} s ({n / t_map:,.0f}/s); "
             f"262,144 never-mapped unmaps {t_unmap:.2f} s ({262_144 / t_unmap:,.0f}/s); "
@@ -580,12 +594,92 @@ def test_iovecs_efault_in_the_block_is_a_fault(dma: PeDma, ram: Ram) -> None:
 def test_iovecs_released_views_let_close_unmap(phb: spapr.Phb) -> None:
     before = open_fd_count()
     ram = Ram(1 * MiB)
-    dma = PeDma(phb, phb.new_pe(), spapr.Client())
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()))
     dma.map(0, 1 * MiB, 0, RW, ram.fd())
     with dma.iovecs([(0, 0x3000), (0x8000, 0x1000)], write=False):
         pass
-    mm = next(iter(dma._files.values())).mm
+    mm = dma.files[0].mm
     dma.close()
     assert mm is not None and mm.closed  # no view kept the mapping alive
     ram.close()
     assert open_fd_count() == before
+
+
+# -- the host's address space and the table budget -------------------------------------------------
+
+
+def test_address_space_reuses_ranges_of_files_gone() -> None:
+    space = spapr.AddressSpace(base=1 << 40, limit=(1 << 40) + (1 << 30), align=1 << 24)
+    a = space.alloc(1 << 20)
+    b = space.alloc(1 << 25)
+    assert a == 1 << 40 and b == a + 2 * (1 << 24)  # 16 MiB aligned, a guard gap after each
+    space.free(a)
+    assert space.alloc(1 << 24) == a  # first fit: the hole a left
+    with pytest.raises(OSError) as exc:
+        space.alloc(1 << 30)
+    assert exc.value.errno == errno.ENOMEM
+    space.free(b)
+    space.free(a)
+    assert space.in_use == 0 and space.alloc(1 << 29) == 1 << 40  # coalesced again
+
+
+def test_clients_coming_and_going_reuse_host_addresses(phb: spapr.Phb) -> None:
+    space = spapr.AddressSpace()
+    seen = set()
+    for _ in range(5):
+        ram = Ram(1 * MiB)
+        dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client(), space))
+        dma.map(0, 0x1000, 0, RW, ram.fd())
+        seen.add(dma.files[0].vaddr)
+        dma.close()
+        phb.remove_pe(dma.pe)
+        ram.close()
+    assert len(seen) == 1 and space.in_use == 0
+
+
+def test_table_budget_is_enospc_and_changes_nothing(phb: spapr.Phb, ram: Ram) -> None:
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()), max_table_bytes=2 * 4096)
+    try:
+        dma.map(0, 0x1000, 0, RW, ram.fd())  # leaf 0
+        dma.map(0x200000, 0x1000, 0, RW, ram.fd())  # leaf 1: the budget is full
+        with pytest.raises(OSError) as exc:
+            dma.map(0x400000, 0x1000, 0, RW, ram.fd())
+        assert exc.value.errno == errno.ENOSPC
+        # a map that straddles an existing and a new leaf fails as a whole
+        with pytest.raises(OSError):
+            dma.map(0x3FF000, 0x3000, 0, RW, ram.fd())
+        w = dma.window(0)
+        assert w is not None and w.get(0x3FF000) == 0 and dma.mapped_bytes == 0x2000
+        assert dma.unmap(0x200000, 0x1000) == 0x1000  # unmaps never need a leaf
+    finally:
+        dma.close()
+
+
+# -- the PHB's DMA fault policy --------------------------------------------------------------------
+
+
+def test_error_policy_fails_the_access_and_keeps_the_pe_running(ram: Ram) -> None:
+    phb = spapr.Phb(index=0, dma_fault="error")
+    dma = PeDma(phb, phb.new_pe(), ClientMemory(spapr.Client()))
+    try:
+        dma.map(0, 0x2000, 0, RW, ram.fd())
+        with pytest.raises(DmaFault):
+            dma.write(0x1000, b"\xaa" * 0x2000)  # runs off the end of the mapping
+        assert ram.read(0x1000, 0x1000) == b"\0" * 0x1000  # nothing written
+        with pytest.raises(DmaFault):
+            dma.iovecs([(0, 0x1000), (0x8000, 0x10)], write=False)
+        pe = dma.pe
+        assert pe.fault_count == 2 and not pe.frozen and pe.eeh.freeze_count == 0
+        assert not dma.access_blocked(0)  # MMIO goes on
+        dma.write(0, b"still working")  # and so does DMA
+        assert ram.read(0, 13) == b"still working"
+    finally:
+        dma.close()
+
+
+def test_freeze_policy_counts_faults_too(dma: PeDma, ram: Ram) -> None:
+    with pytest.raises(DmaFault):
+        dma.read(0, 4)
+    assert dma.pe.fault_count == 1 and dma.pe.frozen
+    with pytest.raises(ValueError):
+        spapr.Phb(dma_fault="ignore")

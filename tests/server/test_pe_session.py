@@ -15,8 +15,8 @@ from vfiod.devices import testdev as td
 from vfiod.devices.testdev import TestDevice
 from vfiod.pci.function import PciFunction
 from vfiod.server.endpoint import Endpoint
-from vfiod.server.pe_dma import PeDma
 from vfiod.server.session import Session
+from vfiod.spapr import ClientMemory, PeDma
 from vfiod.transport import Channel, Peer
 
 DMA64 = spapr.DMA64_WINDOW_START
@@ -47,7 +47,8 @@ async def pe_endpoint(tmp_path: Path) -> AsyncIterator[PeEndpoint]:
         function: PciFunction, channel: Channel, name: str, peer: Peer
     ) -> Session:
         return Session(
-            function, channel, name, dma_factory=lambda: PeDma(phb, pe, owner), peer=peer
+            function, channel, name, peer=peer,
+            dma_factory=lambda: PeDma(phb, pe, ClientMemory(owner)),
         )
 
     ep = Endpoint("pe0", tmp_path / "pe0.sock", TestDevice(), session_factory=session_factory)
@@ -86,7 +87,7 @@ async def test_dma_goes_through_the_pe_windows(pe_endpoint: PeEndpoint) -> None:
         dma = pe_endpoint.dma
         w1 = dma.window(1)
         assert w1 is not None and w1.start == DMA64
-        assert len(dma) == 2 and dma.backing_count == 1
+        assert dma.mapped_bytes == 2 << 20 and dma.backing_count == 1
         await enable_bus_master(dev)
         ram.write(0x100, b"through the TCEs")
         dst = DMA64 + (16 << 20) + 0x8000

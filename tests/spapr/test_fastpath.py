@@ -13,7 +13,7 @@ from vfiod.spapr.tce import TceTable
 
 _C = cffi_impl()
 # The C module is built by `pip install` (make venv); its absence is a failure, never a skip.
-assert _C is not None, "vfiod._tce is not built: run `make venv` (pip install builds it)"
+assert _C is not None, "vfiod._fast is not built: run `make venv` (pip install builds it)"
 C = _C
 
 SHIFTS = st.sampled_from([12, 16, 21, 24])
@@ -48,42 +48,69 @@ def tce_st(shift: int) -> st.SearchStrategy[int]:
 
 @settings(max_examples=200, deadline=None)
 @given(st.data(), SHIFTS, regions_st, st.booleans())
-def test_validate_and_put_batch_agree(
+def test_validate_agrees(
     data: st.DataObject, shift: int, regions: list[tuple[int, int]], check: bool
 ) -> None:
-    assert C is not None
     mem = memory(regions) if check else None
     vals = data.draw(st.lists(tce_st(shift), min_size=0, max_size=600))
     raw = be_list(vals)
     n = len(vals)
     assert C.validate_be(raw, n, shift, mem) == PYTHON.validate_be(raw, n, shift, mem)
     assert C.validate(vals, n, shift, mem) == PYTHON.validate(vals, n, shift, mem)
-    # the whole hypercall-style batch into two leaves from a random offset
-    n = min(n, LEAF_ENTRIES)
-    off = data.draw(st.integers(0, LEAF_ENTRIES - 1))
-    n0 = min(n, LEAF_ENTRIES - off)
-    res = []
-    for impl in (PYTHON, C):
-        l0, l1 = impl.new_leaf(), impl.new_leaf()
-        rc = impl.put_batch_be(l0, off, n0, l1, raw, n, shift, mem)
-        res.append((rc, list(l0), list(l1)))
-    assert res[0] == res[1]
-    if res[0][0] < 0:
-        assert res[0][1][off : off + n0] + res[0][2][: n - n0] == vals[:n]
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.integers(0, 511), st.integers(0, 512), u64, u64)
-def test_fill_and_linear_agree(off: int, n: int, first: int, step: int) -> None:
-    assert C is not None
-    n = min(n, LEAF_ENTRIES - off)
-    out = []
+NB = 3 * LEAF_ENTRIES + 17
+idx_st = st.integers(-2, NB + 2)
+n_st = st.integers(0, 2 * LEAF_ENTRIES + 3)
+store_ops = st.one_of(
+    st.tuples(st.just("fill"), idx_st, n_st, st.sampled_from([0, 0, 3, 0x1001, 0xF000])),
+    st.tuples(st.just("linear"), idx_st, n_st, u64, u64),
+    st.tuples(st.just("write"), idx_st, st.lists(u64, max_size=40), st.integers(0, 3)),
+    st.tuples(st.just("write_be"), idx_st, st.lists(u64, max_size=40)),
+    st.tuples(st.just("get"), idx_st),
+    st.tuples(st.just("clear")),
+    st.tuples(st.just("resize"), st.integers(NB - 5, 2 * NB)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(store_ops, max_size=30), st.sampled_from([0, 1, 2, 5]))
+def test_store_operations_agree(ops: list[tuple[object, ...]], budget: int) -> None:
+    """Same results, same errors (nothing changed on error), same entries and counters."""
+    runs = []
     for impl in (PYTHON, C):
-        a, b = impl.new_leaf(), impl.new_leaf()
-        impl.fill(a, off, n, first)
-        impl.fill_linear(b, off, n, first, step)
-        out.append((list(a), list(b)))
-    assert out[0] == out[1]
+        store = impl.new_store(NB, budget)
+        log: list[object] = []
+        for op in ops:
+            try:
+                if op[0] == "fill":
+                    log.append(store.fill(op[1], op[2], op[3]))  # type: ignore[arg-type]
+                elif op[0] == "linear":
+                    log.append(store.fill_linear(op[1], op[2], op[3], op[4]))  # type: ignore[arg-type]
+                elif op[0] == "write":
+                    vals = op[2]
+                    assert isinstance(vals, list)
+                    log.append(store.write(op[1], vals, len(vals), op[3]))  # type: ignore[arg-type]
+                elif op[0] == "write_be":
+                    vals = op[2]
+                    assert isinstance(vals, list)
+                    log.append(store.write_be(op[1], be_list(vals), len(vals)))  # type: ignore[arg-type]
+                elif op[0] == "get":
+                    log.append(store.get(op[1]))  # type: ignore[arg-type]
+                elif op[0] == "clear":
+                    store.clear()
+                else:
+                    store.resize(op[1])  # type: ignore[arg-type]
+            except OSError as e:
+                log.append(("error", e.errno))
+            log.append((store.valid, store.leaf_count, store.nb_entries))
+        leaves = [(lid, list(leaf)) for lid, leaf in store.leaves()]
+        valid = sum(1 for _, leaf in leaves for v in leaf if v & 3)
+        assert valid == store.valid
+        if budget:
+            assert store.leaf_count <= budget
+        runs.append((log, leaves))
+    assert runs[0] == runs[1]
 
 
 @settings(max_examples=200, deadline=None)
@@ -121,7 +148,7 @@ def test_translate_agrees(
     out = []
     for impl, t in zip((PYTHON, C), tables, strict=True):
         try:
-            out.append(("ok", impl.translate(t, bus, shift, sg, write, mem)))
+            out.append(("ok", impl.translate(t.store, bus, shift, sg, write, mem)))
         except TranslateFault as f:
             out.append(("fault", (f.iova, f.index)))
     assert out[0] == out[1]

@@ -125,7 +125,7 @@ def test_the_deb_holds_the_commands_unit_config_and_example(deb: Path) -> None:
     for path in ("./usr/bin/vfiod", "./usr/bin/vfiodctl", "./usr/bin/vfiod-qemu",
                  "./usr/lib/systemd/system/vfiod.service", "./etc/vfiod/vfiod.toml",
                  "./usr/share/doc/vfiod/examples/nvme-sriov.toml",
-                 "./usr/lib/python3/dist-packages/vfiod/_tce.abi3.so",
+                 "./usr/lib/python3/dist-packages/vfiod/_fast.abi3.so",
                  "./usr/lib/python3/dist-packages/vfiod/protocol/__init__.py"):
         assert f" {path}\n" in files, (path, files)
     control = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,

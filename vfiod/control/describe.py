@@ -45,8 +45,8 @@ def hcall_mode(phb: spapr.Phb) -> str:
 
 
 def tces_in_use(window: spapr.Window) -> int:
-    """Valid (non-zero) entries of the window's table; cost is per allocated leaf."""
-    return sum(1 for _ in window.table.items())
+    """Valid entries (R or W granted) of the window's table: a counter kept by the table."""
+    return window.tces_in_use
 
 
 def describe_window(pe: spapr.Pe, slot: int, window: spapr.Window) -> dict[str, Any]:
@@ -107,6 +107,7 @@ def describe_phb(phb: spapr.Phb, functions: Mapping[int, str]) -> dict[str, Any]
         "max_windows": phb.max_windows,
         "ddw": phb.ddw,
         "eeh": phb.eeh,
+        "dma_fault": phb.dma_fault,
         "num_pes": phb.num_pes,
         "pes": [describe_pe_summary(phb.pes[n], functions.get(n)) for n in sorted(phb.pes)],
     }
@@ -121,6 +122,7 @@ def describe_eeh(pe: spapr.Pe) -> dict[str, Any]:
         "config_blocked": e.config_blocked,
         "owned": e.owned,
         "freeze_count": e.freeze_count,
+        "dma_faults": pe.fault_count,
         "injected": [
             {"type": i.type, "func": i.func, "addr": i.addr, "mask": i.mask} for i in e.injected
         ],
@@ -140,7 +142,8 @@ def pe_info(pe: spapr.Pe, function: str | None) -> dict[str, Any]:
         "eeh_state": state,
         "eeh_state_name": eeh_state_name(state),
         "eeh": describe_eeh(pe),
-        "container": describe_container(container) if container is not None else None,
+        "container": (describe_container(container)
+                      if isinstance(container, spapr.Container) else None),
         "windows": [
             describe_window(pe, slot, w) for slot, w in enumerate(pe.windows) if w is not None
         ],
@@ -210,7 +213,7 @@ def describe_memlock(
 ) -> dict[str, Any]:
     """One entry of ``ControlTarget.memlock()``: a client process's locked memory."""
     regions = sorted(client.regions.values(), key=lambda r: r.vaddr)
-    containers = sorted(client.containers, key=lambda c: [g.name for g in c.groups])
+    containers = sorted(_containers(client.containers), key=lambda c: [g.name for g in c.groups])
     return {
         "pid": pid,
         "uid": uid,
@@ -225,12 +228,17 @@ def describe_memlock(
                 "vaddr": r.vaddr,
                 "size": r.size,
                 "page_shift": r.page_shift,
-                "groups": sorted(g.name for c in r.containers for g in c.groups),
+                "groups": sorted(g.name for c in _containers(r.containers) for g in c.groups),
             }
             for r in regions
         ],
         "containers": [describe_container(c) for c in containers],
     }
+
+
+def _containers(owners: Iterable[object]) -> list[spapr.Container]:
+    """The VFIO containers among a client's window owners (the platform's own PEs are not)."""
+    return [c for c in owners if isinstance(c, spapr.Container)]
 
 
 __all__ = [

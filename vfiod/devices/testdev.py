@@ -44,10 +44,12 @@ interrupt. Lengths are limited to the buffer (64 KiB) for commands 1 and 2 and 1
 
 from __future__ import annotations
 
+import struct
+
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.dma import DmaFault
 from vfiod.pci.function import PciFunction
-from vfiod.pci.region import DwordRegisters, MemoryRegion, Region
+from vfiod.pci.region import DwordRegisters, FastRange, MemoryRegion, Region
 
 TEST_VENDOR_ID = 0x7E57
 TEST_DEVICE_ID = 0x0001
@@ -169,6 +171,11 @@ class TestDevice(PciFunction):
         self.add_bar(MSIX_BAR, Region(MSIX_BAR_SIZE), BarSpec(MSIX_BAR_SIZE, BarKind.MEM32))
         self.add_msix(MSIX_VECTORS, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR, MSIX_PBA_OFFSET)
         self.seal()
+
+    def fast_ranges(self) -> list[FastRange]:
+        """Config space, and ID/VERSION: constants, so the session may answer them itself."""
+        ident = bytearray(struct.pack("<II", ID_VALUE, VERSION_VALUE))
+        return [*super().fast_ranges(), FastRange(REGS_BAR, REG_ID, ident, "ro")]
 
     # ---- behaviour ----------------------------------------------------------------------------
 

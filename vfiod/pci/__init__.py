@@ -11,6 +11,7 @@ from vfiod.pci.irq import IrqController, IrqInfo
 from vfiod.pci.region import (
     AbsentRegion,
     BytesHandler,
+    FastRange,
     MemoryRegion,
     Region,
     RegionInfo,
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigSpace",
     "DmaFault",
     "DmaSpace",
+    "FastRange",
     "IrqController",
     "IrqInfo",
     "MemoryRegion",

@@ -145,6 +145,14 @@ class ConfigSpace:
         self._check(offset, size)
         self._hooks.append((offset, size, hook))
 
+    def hooked_bytes(self) -> bytearray:
+        """1 for every byte a write hook watches (a fast path must leave those writes to
+        :meth:`write`), 0 elsewhere."""
+        out = bytearray(self.size)
+        for o, s, _ in self._hooks:
+            out[o : o + s] = b"\x01" * s
+        return out
+
     def preserve_on_reset(self, offset: int, size: int, mask: int) -> None:
         """Mark bits that survive a function-level reset (PCIe FLR keeps e.g. link control)."""
         self._check(offset, size)

@@ -30,6 +30,7 @@ from vfiod.pci.irq import IrqController, IrqInfo
 from vfiod.pci.region import (
     HOLE_ALIGN,
     AbsentRegion,
+    FastRange,
     MemoryRegion,
     Region,
     RegionInfo,
@@ -216,6 +217,15 @@ class PciFunction:
 
     def attach_dma(self, dma: DmaSpace) -> None:
         self.dma = dma
+
+    def fast_ranges(self) -> list[FastRange]:
+        """What the session may serve itself (see :class:`FastRange`): config space, whose
+        writes only need masks except where a hook watches. Personalities add registers they
+        keep current in a buffer. Seals the layout (the buffers are final from here on)."""
+        self.seal()
+        cfg = self.config
+        return [FastRange(REGION_CONFIG, 0, cfg.data, "config", cfg.wmask, cfg.w1cmask,
+                          cfg.hooked_bytes())]  # fmt: skip
 
     def close(self) -> None:
         """Close eventfds, memfds and mmaps; idempotent."""

@@ -50,6 +50,30 @@ class RegionInfo:
         return bool(self.sparse_areas or self.msix_mappable or self.region_type)
 
 
+@dataclass(frozen=True, eq=False)
+class FastRange:
+    """Bytes of a region the session may serve itself, without calling the function.
+
+    The session's C fast path (cffi_build/vfu.h) reads (and for ``"config"`` and ``"ram"``
+    writes) ``data`` in place, while the function keeps it current: ``"config"`` is config
+    space with per-byte write masks, where a write touching a ``hooked`` byte still goes to the
+    function; ``"ro"`` is read-only bytes (writes go to the function); ``"ram"`` is plain memory.
+    ``data`` must never be resized (same-length slice assignment is fine).
+    """
+
+    region: int
+    offset: int
+    data: bytearray
+    kind: str = "ro"  # "config" | "ro" | "ram"
+    wmask: bytearray | None = None
+    w1cmask: bytearray | None = None
+    hooked: bytearray | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
 @runtime_checkable
 class RegisterHandler(Protocol):
     """Register-file handler: naturally aligned accesses of 1, 2, 4 or 8 bytes as integers."""

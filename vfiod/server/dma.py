@@ -25,9 +25,9 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from vfiod.pci.dma import DmaFault, IovecLease
+from vfiod.spapr.dma import DmaFault, IovecLease
 
 DMA_READ = 1  #: the device may read this memory (guest -> device)
 DMA_WRITE = 2  #: the device may write this memory (device -> guest)
@@ -35,7 +35,15 @@ _IOVA_LIMIT = 1 << 64
 
 
 class DmaView(Protocol):
-    """What a session needs of a client's DMA state: DmaMapTable (plain) or PeDma (platform)."""
+    """What a session needs of its client's DMA state, and all it asks of it: ``DmaMapTable``
+    (no platform) or ``vfiod.spapr.PeDma`` (through the function's PE). It is also the DMA
+    space the session hands the function (``read``/``write``, optionally ``iovecs``)."""
+
+    maps_total: int  #: DMA_MAPs applied
+    unmaps_total: int  #: DMA_UNMAPs applied
+    #: the C view of this state (``struct vfiod_pe_dma``) the session fast path maps and
+    #: unmaps through, or None: then DMA messages are always handled by the session
+    c_view: Any
 
     def map(self, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None: ...
 
@@ -49,10 +57,19 @@ class DmaView(Protocol):
 
     def write(self, iova: int, data: bytes) -> None: ...
 
-    def __len__(self) -> int: ...
+    @property
+    def mapped_bytes(self) -> int: ...
 
     @property
     def backing_count(self) -> int: ...
+
+    def access_blocked(self, region: int) -> bool:
+        """True if a REGION_READ must read all-ones and a REGION_WRITE be dropped (EEH)."""
+        ...
+
+    def device_reset(self) -> None:
+        """The client reset the device (DEVICE_RESET): what that means for its DMA."""
+        ...
 
 
 @dataclass(eq=False)
@@ -99,6 +116,7 @@ class DmaMapTable:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self._backings: dict[tuple[int, int], Backing] = {}
+        self.c_view: Any = None  # no C view: the session handles every DMA message itself
         self.maps_total = 0
         self.unmaps_total = 0
 
@@ -151,8 +169,18 @@ class DmaMapTable:
         return len(self._maps)
 
     @property
+    def mapped_bytes(self) -> int:
+        return sum(m.size for m in self._maps)
+
+    @property
     def backing_count(self) -> int:
         return len(self._backings)
+
+    def access_blocked(self, region: int) -> bool:
+        return False  # no platform, no EEH: accesses always reach the function
+
+    def device_reset(self) -> None:
+        return None  # nothing to recover: the map table is the client's, it stays
 
     def mappings(self) -> Iterator[Mapping]:
         return iter(self._maps)

@@ -4,6 +4,14 @@ Requests are handled strictly in arrival order (QEMU pipelines its DMA_MAPs and 
 later read seeing earlier posted writes), each to completion before the next is read, and every
 handler is synchronous and short so a reply is never late for QEMU's 5 s timeout.
 
+The hot synchronous messages go through the C fast path when it is built (``engine``): once
+VERSION is answered and nothing is owed, the session hands its stream to the engine, which
+handles the common case of DMA_MAP/DMA_UNMAP and of REGION_READ/REGION_WRITE of the function's
+fast ranges and punts anything else back, in order; the session then handles the punted message
+here, exactly as it would without the engine, and hands the stream over again. The engine runs
+inside this task while punts are frequent, and in a thread of this session's nursery (blocking,
+GIL released) once it handles a run of messages alone, as in a pseries guest's per-TCE storms.
+
 Every peer is treated as hostile: a malformed message gets an error reply and the session goes
 on; a broken stream ends this session only. Every fd received is either handed to its owner
 (the DMA table or the function) or closed here.
@@ -17,7 +25,6 @@ from collections.abc import Callable
 
 import trio
 
-from vfiod.pci.dma import NoDmaSpace
 from vfiod.pci.function import PciFunction
 from vfiod.protocol import (
     CLOSED,
@@ -59,21 +66,27 @@ from vfiod.protocol import (
     TypeCap,
     Version,
     VersionReply,
+    event_fds,
     make_region_info_reply,
     server_capabilities,
 )
+from vfiod.server import engine as fastpath
 from vfiod.server.dma import DmaMapTable, DmaView
-from vfiod.transport import Channel, Peer, close_fds
+from vfiod.spapr.dma import NoDmaSpace
+from vfiod.transport import Channel, Peer, close_fds, is_eventfd
 
 log = logging.getLogger(__name__)
 
 MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MSG_FDS = 16
-#: How long a refused second client gets to say VERSION before it is simply closed.
-REFUSAL_GRACE = 2.0
+#: How long a refused second client gets to say VERSION before it is simply closed (QEMU sends
+#: it right after connecting; a peer that stays silent must not hold an fd for long).
+REFUSAL_GRACE = 1.0
 #: Replies are sent at least every this many messages of a pipelined burst, so a long burst
 #: neither waits for its end nor keeps the other sessions from running.
 MAX_BATCH = 64
+#: Messages the fast path handles in a row (inside the task) before it gets its own thread.
+THREAD_STREAK = 16
 
 
 class SessionEnded(Exception):
@@ -89,6 +102,8 @@ class Session:
         dma_factory: Callable[[], DmaView] = DmaMapTable,
         peer: Peer | None = None,
         on_closed: Callable[[], None] | None = None,
+        fast_path: bool | None = None,
+        thread_streak: int = THREAD_STREAK,
     ) -> None:
         self.function = function
         self.channel = channel
@@ -107,8 +122,27 @@ class Session:
         self._on_closed = on_closed
         self.dma: DmaView = DmaMapTable()
         self.client_caps: Capabilities | None = None
-        self.messages = 0
+        self._messages = 0  # handled here (the engine counts its own)
         self.errors = 0
+        #: the C fast path: None until VERSION is answered, and for good without the C module,
+        #: with ``fast_path=False`` (or VFIOD_NO_FASTPATH=1) or a foreign byte order
+        self.engine: fastpath.FastEngine | None = None
+        self._fast_path = fastpath.available() if fast_path is None else fast_path
+        self._thread_streak = thread_streak
+        self._handled = 0  # messages handled here since the engine last gave the stream back
+        self._engine_messages = 0  # of engines closed already
+        self._limiter = trio.CapacityLimiter(1)  # this session's engine thread
+
+    @property
+    def fast_messages(self) -> int:
+        """Requests the fast path handled."""
+        engine = self.engine
+        return engine.messages if engine is not None else self._engine_messages
+
+    @property
+    def messages(self) -> int:
+        """Requests handled, by this task and by the fast path."""
+        return self._messages + self.fast_messages
 
     async def run(self) -> None:
         """Serve this client until it goes away or breaks the stream."""
@@ -146,12 +180,17 @@ class Session:
                     )
                 nursery.cancel_scope.cancel()
         finally:
+            if self.engine is not None:
+                self._engine_messages = self.engine.messages
+                self.engine.close()  # the buffer was taken back; anything left is closed
+                self.engine = None
             # The next client must find the function as a fresh VFIO open would: reset, its
             # interrupts released, no DMA view left over from this client.
             self.function.attach_dma(NoDmaSpace())
             self.function.reset()
             self.dma.close()
             self.channel.close()
+            close_fds(self.conn.discard_buffered())  # messages never read: their fds too
             if self._on_closed is not None:
                 self._on_closed()
 
@@ -169,6 +208,9 @@ class Session:
             if status is CLOSED:
                 return
             if status is NEED_DATA:
+                if self._handled and self._engine_ready():
+                    await self._engine_turn()
+                    continue
                 data, fds = await channel.receive()
                 if channel.fds_truncated:
                     close_fds(fds)
@@ -193,11 +235,71 @@ class Session:
             if event is NEED_DATA or event is CLOSED:
                 return event
             assert isinstance(event, Event)
-            self.messages += 1
+            self._messages += 1
+            self._handled += 1
             reply = handle(event)
             if reply is not None:
                 replies.append(self._encode_reply(event, reply))
         return None
+
+    # -- the fast path -------------------------------------------------------------------
+
+    def _engine_ready(self) -> bool:
+        """Whether to hand the stream to the engine now (creating it on first use)."""
+        if not self._fast_path or not self.conn.idle:
+            return False
+        if self.engine is None:
+            if not fastpath.native_byteorder(self.conn.byteorder):
+                self._fast_path = False
+                return False
+            sock = self.channel.sock.fileno()
+            self.engine = fastpath.FastEngine(
+                sock, max_xfer=self.conn.max_data_xfer_size,
+                max_msg=self.conn.max_message_size, dma_view=self.dma.c_view,
+                ranges=self.function.fast_ranges(),
+            )  # fmt: skip
+        return True
+
+    async def _engine_turn(self) -> None:
+        """Let the engine have the stream until it punts, sees EOF or fails; then take every
+        byte and fd it holds back into the connection (the punted message first)."""
+        engine = self.engine
+        assert engine is not None
+        engine.feed(self.conn.detach_buffer())
+        self._handled = 0
+        try:
+            rc = await self._drive(engine)
+        finally:
+            for data, fds in engine.take():
+                self.conn.receive_data(data, fds)
+        if rc == fastpath.EOF:
+            self.conn.receive_data(b"")
+        elif rc == fastpath.CTRUNC:
+            raise SessionEnded("sent more fds than any message may carry")
+
+    async def _drive(self, engine: fastpath.FastEngine) -> int:
+        while True:
+            if engine.streak >= self._thread_streak:
+                rc = await self._run_blocking(engine)
+            else:
+                rc = engine.run(block=False)
+            if rc == fastpath.NEED_DATA:
+                await self.channel.wait_readable()
+            elif rc == fastpath.WANT_WRITE:
+                await self.channel.wait_writable()
+            elif rc == fastpath.STOPPED:
+                await trio.lowlevel.checkpoint()  # a cancellation woke it: deliver it here
+            else:
+                return rc  # PUNT, EOF, CTRUNC
+
+    async def _run_blocking(self, engine: fastpath.FastEngine) -> int:
+        """One blocking run in a thread this session owns; cancelling the session wakes it."""
+        engine.rearm()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wake_when_cancelled, engine)
+            rc = await trio.to_thread.run_sync(engine.run, True, limiter=self._limiter)
+            nursery.cancel_scope.cancel()
+        return int(rc)
 
     async def _send_replies(self, replies: list[Outgoing]) -> None:
         """Send queued replies in order: concatenated, a new send where one carries fds (they
@@ -262,7 +364,7 @@ class Session:
         handler = self._handlers.get(type(ev))
         if handler is None:
             # Only replies to our own requests land here, and we make none yet.
-            close_fds(getattr(ev, "fds", ()) or ())
+            close_fds(event_fds(ev))
             raise SessionEnded(f"unexpected {type(ev).__name__}")
         msg_id = ev.msg_id
         no_reply = getattr(ev, "no_reply", False)
@@ -333,6 +435,9 @@ class Session:
         return IrqInfoReply(info.flags, info.index, info.count, msg_id=_id(ev))
 
     def _set_irqs(self, ev: DeviceSetIrqs) -> Reply:
+        if not all(map(is_eventfd, ev.fds)):
+            close_fds(ev.fds)
+            raise OSError(errno.EINVAL, "SET_IRQS fds must be eventfds")
         # The function owns the fds from here on, even when it refuses them.
         self.function.set_irqs(ev.index, ev.flags, ev.start, ev.count, list(ev.fds))
         return SetIrqsReply(msg_id=_id(ev))
@@ -355,17 +460,14 @@ class Session:
         return RegionWriteMultiReply(msg_id=_id(ev))
 
     def _device_reset(self, ev: DeviceReset) -> Reply:
-        thaw = getattr(self.dma, "device_reset", None)  # PeDma: a reset thaws a frozen PE
-        if thaw is not None:
-            thaw()
+        self.dma.device_reset()  # through a PE: a reset thaws a frozen PE
         self.function.reset()
         return DeviceResetReply(msg_id=_id(ev))
 
     def _eeh_blocked(self, region: int) -> bool:
-        """EEH (PeDma only): a frozen PE's MMIO loads read all-ones and its stores are
+        """EEH (through a PE): a frozen PE's MMIO loads read all-ones and its stores are
         dropped; config space likewise while an EEH reset is asserted."""
-        blocked = getattr(self.dma, "access_blocked", None)
-        return blocked is not None and bool(blocked(region))
+        return self.dma.access_blocked(region)
 
     def _device_feature(self, ev: DeviceFeature) -> Reply:
         # No migration and no dma-buf: QEMU treats ENOTTY as "feature not supported".
@@ -385,6 +487,13 @@ class Session:
         DeviceReset: _device_reset,
         DeviceFeature: _device_feature,
     }
+
+
+async def _wake_when_cancelled(engine: fastpath.FastEngine) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        engine.wake()
 
 
 def _id(ev: Event) -> int:
@@ -410,10 +519,7 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
                     continue
                 if event is CLOSED:
                     return
-                close_fds(getattr(event, "fds", ()) or ())
-                fd = getattr(event, "fd", None)
-                if fd is not None:
-                    close_fds([fd])
+                close_fds(event_fds(event))
                 if isinstance(event, Version) and event.msg_id is not None:
                     out = conn.send(ErrorReply(event.msg_id, int(event.command), err))
                     await channel.send(out.data, out.fds)
@@ -423,3 +529,4 @@ async def refuse(channel: Channel, name: str, err: int = errno.EBUSY) -> None:
     finally:
         log.warning("function %s: refused a client (%s)", name, errno.errorcode.get(err, err))
         channel.close()
+        close_fds(conn.discard_buffered())

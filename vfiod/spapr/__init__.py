@@ -7,6 +7,7 @@ behaviour. See docs/spapr.md for the model and its numbers.
 from . import constants as _constants
 from .constants import *  # noqa: F403 - the platform's numbers are part of the API
 from .container import Container, SpaprTceInfo
+from .dma import DmaFault, DmaSpace, IovecLease, NoDmaSpace, ZeroCopyDma
 from .eeh import EehError, EehState
 from .fastpath import PYTHON, CffiFastPath, PyFastPath, TranslateFault, cffi_impl, default_impl
 from .memlock import (
@@ -16,9 +17,10 @@ from .memlock import (
     prereg_estimate,
     v1_estimate,
 )
-from .memory import DmaFault, HostMemory, MemoryRegion, Piece
-from .pe import IommuGroup, Pe
-from .phb import Phb, make_liobn, split_liobn
+from .memory import HostMemory, MemoryRegion, Piece
+from .pe import IommuGroup, Pe, PeHost
+from .pe_dma import AddressSpace, ClientFile, ClientMemory, PeDma
+from .phb import DMA_FAULT_POLICIES, Phb, make_liobn, split_liobn
 from .tce import (
     TceTable,
     flat_table_size,
@@ -27,13 +29,24 @@ from .tce import (
     level_geometry,
     qemu_guess_levels,
 )
-from .window import Window
+from .window import Window, WindowOwner
 
 __all__ = [
+    "AddressSpace",
     "Client",
+    "DMA_FAULT_POLICIES",
+    "ClientFile",
+    "ClientMemory",
     "Container",
     "CffiFastPath",
     "DmaFault",
+    "DmaSpace",
+    "IovecLease",
+    "NoDmaSpace",
+    "PeDma",
+    "PeHost",
+    "WindowOwner",
+    "ZeroCopyDma",
     "EehError",
     "EehState",
     "HostMemory",

@@ -25,8 +25,7 @@ from .constants import (
     VFIO_SPAPR_TCE_v2_IOMMU,
 )
 from .memlock import Client, PreregRegion
-from .pe import IommuGroup, Pe
-from .phb import Phb
+from .pe import IommuGroup, Pe, PeHost
 from .tce import get_table_size, qemu_guess_levels
 from .window import Window
 
@@ -89,7 +88,7 @@ class Container:
 
     # -- helpers --
     @property
-    def phb(self) -> Phb | None:
+    def phb(self) -> PeHost | None:
         pe = self.groups[0].pe if self.groups else None
         return pe.phb if pe else None
 
@@ -117,7 +116,7 @@ class Container:
         if not self.v2:
             raise _err(errno.ENOTTY, "v2-only ioctl on a v1 container")
 
-    def _need_phb(self) -> Phb:
+    def _need_phb(self) -> PeHost:
         phb = self.phb
         if phb is None:
             raise _err(errno.ENXIO, "no group attached")
@@ -193,7 +192,7 @@ class Container:
         if pe is not None:
             for num in range(len(pe.windows)):
                 pe.set_window(num, None)
-            pe.phb.reset_windows(pe)
+            pe.reset_windows()
         if not self.groups:
             for w in self.windows:
                 if w is not None:
@@ -291,7 +290,7 @@ class Container:
 
     # -- v2 windows --
     def _make_window(
-        self, mm: Client, phb: Phb, page_shift: int, window_size: int, levels: int,
+        self, mm: Client, phb: PeHost, page_shift: int, window_size: int, levels: int,
         default: bool = False,
     ) -> int:  # fmt: skip
         try:
@@ -382,18 +381,23 @@ class Container:
             mm.account(delta)
             mm.unaccount(delta)
 
-    def _default_pages(self, mm: Client, phb: Phb) -> int:
+    def _default_pages(self, mm: Client, phb: PeHost) -> int:
         if not phb.dma32_size:
             return 0
         size = get_table_size(SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, phb.host_page_shift)
         return mm.pages(size)
 
-    def guest_windows_available(self) -> int:
+    @property
+    def ddw_supported(self) -> bool:
+        """Only a v2 container has dynamic windows."""
+        return self.v2
+
+    def ddw_available(self) -> int:
         """Free window slots as the guest counts them (a pending default window is in use)."""
         used = sum(1 for w in self.windows if w is not None) + int(self.def_window_pending)
         return max(0, len(self.windows) - used)
 
-    def guest_create_window(self, page_shift: int, window_shift: int) -> tuple[int, int]:
+    def ddw_create(self, page_shift: int, window_shift: int) -> tuple[int, int]:
         """(slot, start) of a new host window for ibm,create-pe-dma-window; nothing on error.
 
         Levels as QEMU first asks for them; slot and start are the platform's (slot 1: 2^59).
@@ -425,9 +429,19 @@ class Container:
         got = self.create_window(page_shift, size, levels)
         return num, got
 
-    def guest_remove_window(self, start: int) -> None:
-        """ibm,remove-pe-dma-window: TCE_REMOVE; removing the last non-default window
-        brings the default window back (QEMU >= 7.1), all or nothing."""
+    def ddw_remove(self, num: int) -> None:
+        """ibm,remove-pe-dma-window of slot ``num``: TCE_REMOVE; removing the last non-default
+        window brings the default window back (QEMU >= 7.1), all or nothing."""
+        phb = self._need_phb()
+        w = self.windows[num] if num < len(self.windows) else None
+        if w is not None:
+            self._guest_remove(w.bus_offset)
+        elif num == 0 and self.def_window_pending:
+            self._guest_remove(phb.dma32_start)  # the default window not created yet
+        else:
+            raise LookupError(f"no window in slot {num}")
+
+    def _guest_remove(self, start: int) -> None:
         self._need_v2()
         phb = self._need_phb()
         mm = self._guest_mm()
@@ -444,7 +458,7 @@ class Container:
         if restore and phb.dma32_size:
             self._make_window(mm, phb, SPAPR_TCE_PAGE_SHIFT, phb.dma32_size, 1, default=True)
 
-    def guest_reset_windows(self) -> None:
+    def ddw_reset(self) -> None:
         """ibm,reset-pe-dma-window: every window removed, the default one back, all invalid."""
         self._need_v2()
         phb = self._need_phb()

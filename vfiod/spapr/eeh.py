@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .constants import (
     EEH_ERR_FUNC_MAX,
@@ -42,6 +43,10 @@ class EehError:
     mask: int
 
 
+#: The fields the C mirror derives its flags from.
+_MIRRORED = frozenset({"mmio_frozen", "dma_frozen", "reset_asserted", "config_blocked"})
+
+
 @dataclass
 class EehState:
     """Frozen/reset flags of a PE; ``state`` derives the PAPR value from them."""
@@ -59,6 +64,20 @@ class EehState:
     injected: list[EehError] = field(default_factory=list)
     #: called with the reset op when a reset is deactivated (device models reset themselves)
     reset_hooks: list[Callable[[int], None]] = field(default_factory=list)
+    #: a C ``struct vfiod_eeh_flags`` the fast paths read, kept equal to the flags above
+    mirror: Any = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _MIRRORED or name == "mirror":
+            self._sync_mirror()
+
+    def _sync_mirror(self) -> None:
+        m = getattr(self, "mirror", None)
+        if m is not None:
+            m.mmio_enabled = int(self.mmio_enabled)
+            m.dma_enabled = int(self.dma_enabled)
+            m.config_blocked = int(self.config_blocked)
 
     @property
     def state(self) -> int:

@@ -8,7 +8,7 @@ STUFF/INDIRECT stop at the first out-of-range entry leaving earlier ones written
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .constants import (
     H_PARAMETER,
@@ -18,10 +18,17 @@ from .constants import (
     TCE_RW,
     U64_MASK,
 )
+from .memory import HostMemory
 from .window import Window
 
-if TYPE_CHECKING:
-    from .phb import Phb
+
+class TceHost(Protocol):
+    """What the hypercalls need of the PHB (``Phb`` is one; it imports this module)."""
+
+    qemu_compat: bool
+    memory: HostMemory
+
+    def window(self, liobn: int) -> Window | None: ...
 
 
 def _u64(*vals: int) -> bool:
@@ -36,7 +43,7 @@ def _compat_fit(w: Window, ioba: int) -> tuple[int, int]:
     return ioba, max(0, w.nb_entries - w.index(ioba))
 
 
-def h_put_tce(phb: Phb, liobn: int, ioba: int, tce: int) -> int:
+def h_put_tce(phb: TceHost, liobn: int, ioba: int, tce: int) -> int:
     w = phb.window(liobn)
     if w is None or not _u64(ioba, tce):
         return H_PARAMETER
@@ -50,7 +57,7 @@ def h_put_tce(phb: Phb, liobn: int, ioba: int, tce: int) -> int:
     return H_SUCCESS
 
 
-def h_get_tce(phb: Phb, liobn: int, ioba: int) -> tuple[int, int]:
+def h_get_tce(phb: TceHost, liobn: int, ioba: int) -> tuple[int, int]:
     w = phb.window(liobn)
     if w is None or not _u64(ioba):
         return H_PARAMETER, 0
@@ -63,7 +70,7 @@ def h_get_tce(phb: Phb, liobn: int, ioba: int) -> tuple[int, int]:
     return H_SUCCESS, w.get(ioba)
 
 
-def h_stuff_tce(phb: Phb, liobn: int, ioba: int, tce_value: int, npages: int) -> int:
+def h_stuff_tce(phb: TceHost, liobn: int, ioba: int, tce_value: int, npages: int) -> int:
     w = phb.window(liobn)
     if w is None or not _u64(ioba, tce_value, npages):
         return H_PARAMETER
@@ -83,7 +90,7 @@ def h_stuff_tce(phb: Phb, liobn: int, ioba: int, tce_value: int, npages: int) ->
 
 
 def _read_list(
-    phb: Phb, tce_list: bytes | bytearray | memoryview | int, nbytes: int
+    phb: TceHost, tce_list: bytes | bytearray | memoryview | int, nbytes: int
 ) -> bytes | None:
     """The guest's list as bytes; an int is an address in the host memory map."""
     if isinstance(tce_list, int):
@@ -102,7 +109,7 @@ def _read_list(
 
 
 def h_put_tce_indirect(
-    phb: Phb, liobn: int, ioba: int, tce_list: bytes | bytearray | memoryview | int, npages: int
+    phb: TceHost, liobn: int, ioba: int, tce_list: bytes | bytearray | memoryview | int, npages: int
 ) -> int:
     """Up to 512 big-endian entries. ``tce_list`` is the list itself (bytes) or its address."""
     w = phb.window(liobn)

@@ -18,14 +18,11 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .constants import HOST_PAGE_SHIFT
 from .memory import HostMemory
 from .tce import get_table_size
-
-if TYPE_CHECKING:
-    from .container import Container
+from .window import WindowOwner
 
 
 @dataclass(eq=False)
@@ -35,7 +32,7 @@ class PreregRegion:
     vaddr: int
     size: int
     page_shift: int  # largest IOMMU page it can back
-    containers: set[Container] = field(default_factory=set)
+    containers: set[WindowOwner] = field(default_factory=set)
 
     @property
     def end(self) -> int:
@@ -61,7 +58,7 @@ class Client:
         self.name = name
         self.locked_vm = 0  # pages
         self.regions: dict[tuple[int, int], PreregRegion] = {}
-        self.containers: set[Container] = set()
+        self.containers: set[WindowOwner] = set()  # its containers (windows to check)
 
     def __repr__(self) -> str:
         return f"Client({self.name!r}, locked={self.locked_bytes:#x}, limit={self.memlock_limit})"

@@ -18,22 +18,6 @@ from .constants import HOST_PAGE_SHIFT
 Piece = tuple[memoryview, int, int]
 
 
-class DmaFault(Exception):
-    """A device access hit no window, an invalid TCE, a missing permission or unbacked memory.
-
-    Raised before anything is read or written; the PE is frozen when this comes from translation.
-    """
-
-    def __init__(self, iova: int, length: int, write: bool, reason: str) -> None:
-        super().__init__(
-            f"DMA fault at iova {iova:#x} (+{length:#x}, {'write' if write else 'read'}): {reason}"
-        )
-        self.iova = iova
-        self.length = length
-        self.write = write
-        self.reason = reason
-
-
 @dataclass(eq=False)
 class MemoryRegion:
     """One registered range of host memory and the buffer that backs it."""
@@ -42,6 +26,8 @@ class MemoryRegion:
     size: int
     buffer: memoryview
     page_shift: int = HOST_PAGE_SHIFT  # backing page size (hugepages make this larger)
+    owner: object = None  # what the memory is (a DMA view's client file), for who translates
+    refs: int = 1  # users of a region shared through ``attach``
 
     @property
     def end(self) -> int:
@@ -62,8 +48,9 @@ class HostMemory:
     generation: int = 0
 
     def add(
-        self, addr: int, size: int, buffer: Any, page_shift: int = HOST_PAGE_SHIFT
-    ) -> MemoryRegion:
+        self, addr: int, size: int, buffer: Any, page_shift: int = HOST_PAGE_SHIFT,
+        owner: object = None,
+    ) -> MemoryRegion:  # fmt: skip
         """Register ``buffer`` (writable, >= ``size`` bytes) at ``addr``; overlaps are refused."""
         if size <= 0 or addr < 0 or addr + size > 1 << 64:
             raise ValueError("bad region")
@@ -77,7 +64,7 @@ class HostMemory:
             raise ValueError("overlaps an existing region")
         if i < len(self._regions) and self._regions[i].addr < addr + size:
             raise ValueError("overlaps an existing region")
-        region = MemoryRegion(addr, size, view[:size], page_shift)
+        region = MemoryRegion(addr, size, view[:size], page_shift, owner)
         self._regions.insert(i, region)
         self.starts.insert(i, addr)
         self.ends.insert(i, addr + size)
@@ -94,6 +81,35 @@ class HostMemory:
         del self.ends[i]
         self.generation += 1
         return region
+
+    def attach(self, addr: int, size: int, buffer: Any, owner: object) -> MemoryRegion:
+        """``add``, or one more reference to the same owner's region already at ``addr`` (the
+        same client file mapped by several PEs of this PHB is registered once)."""
+        i = bisect.bisect_left(self.starts, addr)
+        if i < len(self._regions):
+            region = self._regions[i]
+            if region.addr == addr and region.owner is owner and owner is not None:
+                if region.size != size:
+                    raise ValueError("the owner's region has another size")
+                region.refs += 1
+                return region
+        return self.add(addr, size, buffer, owner=owner)
+
+    def detach(self, addr: int) -> None:
+        """Drop one reference to the region at ``addr``; the last one removes it and releases
+        its view of the buffer (so the memory behind it can be unmapped)."""
+        i = bisect.bisect_left(self.starts, addr)
+        if i == len(self._regions) or self._regions[i].addr != addr:
+            raise KeyError(addr)
+        region = self._regions[i]
+        region.refs -= 1
+        if region.refs > 0:
+            return
+        self.remove(addr)
+        try:
+            region.buffer.release()
+        except BufferError:
+            pass  # a view of it is still exported; the memory goes when that view does
 
     @property
     def regions(self) -> Sequence[MemoryRegion]:

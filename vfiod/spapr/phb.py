@@ -41,6 +41,8 @@ from .memory import HostMemory
 from .pe import Pe
 from .window import Window
 
+DMA_FAULT_POLICIES = ("freeze", "error")
+
 
 def make_liobn(index: int, pe: int, num: int) -> int:
     """LIOBN of window ``num`` of PE ``pe`` on PHB ``index`` (see module docstring)."""
@@ -83,6 +85,7 @@ class Phb:
         eeh: bool = True,
         eeh_inject: bool = True,
         qemu_compat: bool = False,
+        dma_fault: str = "freeze",
         memory: HostMemory | None = None,
         check_tce_memory: bool = True,
         host_page_shift: int = HOST_PAGE_SHIFT,
@@ -103,6 +106,13 @@ class Phb:
         self.eeh = eeh
         self.eeh_inject = eeh_inject
         self.qemu_compat = qemu_compat
+        if dma_fault not in DMA_FAULT_POLICIES:
+            raise ValueError(f"dma_fault must be one of {DMA_FAULT_POLICIES}, not {dma_fault!r}")
+        #: what a DMA fault does to the faulting PE: "freeze" (EEH, as POWER hardware: MMIO
+        #: reads all-ones and DMA stops until the guest or an operator recovers the PE) or
+        #: "error" (only the faulting access fails: a device completes its command with an
+        #: error and goes on; for guests without EEH, such as x86)
+        self.dma_fault = dma_fault
         self.memory = memory if memory is not None else HostMemory()
         self.check_tce_memory = check_tce_memory
         self.host_page_shift = host_page_shift
@@ -140,15 +150,6 @@ class Phb:
             default=True,
         )
 
-    def reset_windows(self, pe: Pe) -> None:
-        """Drop every window of the PE and re-create the default one (all TCEs invalid)."""
-        for num, w in enumerate(pe.windows):
-            if w is not None:
-                w.clear()
-                pe.set_window(num, None)
-        if self.dma32_size:
-            pe.set_window(0, self.default_window())
-
     # -- PEs and LIOBNs --
     def new_pe(self, number: int | None = None) -> Pe:
         """A PE (one per function) with its group and the default 32-bit window active."""
@@ -160,7 +161,7 @@ class Phb:
             raise ValueError(f"PE number {number} unavailable")
         pe = Pe(self, number)
         self.pes[number] = pe
-        self.reset_windows(pe)
+        pe.reset_windows()
         return pe
 
     def new_pes(self, count: int) -> list[Pe]:

@@ -11,11 +11,14 @@ container's windows (create -> TCE_CREATE, remove -> TCE_REMOVE, reset -> remove
 re-create the default window), so the container's accounting and table sharing apply; any
 failure of the host side is -1 (QEMU reports a failed window creation as a hardware error) and
 changes nothing. A v1 container has no dynamic windows: every DDW call is -3, as with ddw=off.
+
+Which of the two applies is not this module's business: it talks to ``pe.owner``, the PE's
+``WindowOwner`` (the PE itself, or the container that took its group).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .constants import (
     DDW_LARGEST_BLOCK_5,
@@ -24,31 +27,33 @@ from .constants import (
     RTAS_PARAM_ERROR,
     RTAS_SUCCESS,
 )
-
-if TYPE_CHECKING:
-    from .pe import Pe
-    from .phb import Phb
+from .pe import Pe
 
 
-def _pe_ok(phb: Phb, pe: Pe) -> bool:
-    return phb.ddw and phb.pes.get(pe.number) is pe
+class DdwHost(Protocol):
+    """What the DDW calls need of the PHB (``Phb`` is one; it imports this module)."""
+
+    ddw: bool
+    page_shifts: tuple[int, ...]
+    pes: dict[int, Pe]
+
+    @property
+    def ddw_page_mask(self) -> int: ...
+
+    def find_liobn(self, liobn: int) -> tuple[Pe, int] | None: ...
 
 
-def _no_ddw(pe: Pe) -> bool:
-    """A v1 container owns the PE: no dynamic windows (QEMU: ddw unavailable -> -3)."""
-    c = pe.container
-    return c is not None and not c.v2
+def _ddw_pe(phb: DdwHost, pe: Pe) -> bool:
+    """The PE is the PHB's and whoever owns its windows offers dynamic windows (a v1
+    container does not: QEMU then reports DDW unavailable, -3)."""
+    return phb.ddw and phb.pes.get(pe.number) is pe and pe.owner.ddw_supported
 
 
-def query_cells(phb: Phb, pe: Pe, nret: int = 5) -> list[int]:
+def query_cells(phb: DdwHost, pe: Pe, nret: int = 5) -> list[int]:
     """The raw return cells: 5 (largest block as one 32-bit cell) or 6 (hi/lo cells)."""
-    if nret not in (5, 6) or not _pe_ok(phb, pe) or _no_ddw(pe):
+    if nret not in (5, 6) or not _ddw_pe(phb, pe):
         return [RTAS_PARAM_ERROR] + [0] * (max(nret, 1) - 1)
-    c = pe.container
-    if c is not None:
-        avail = c.guest_windows_available()
-    else:
-        avail = phb.max_windows - pe.active_windows()
+    avail = pe.owner.ddw_available()
     mask = phb.ddw_page_mask
     if nret == 5:
         return [RTAS_SUCCESS, avail, DDW_LARGEST_BLOCK_5, mask, 0]
@@ -56,7 +61,7 @@ def query_cells(phb: Phb, pe: Pe, nret: int = 5) -> list[int]:
     return [RTAS_SUCCESS, avail, big >> 32, big & 0xFFFFFFFF, mask, 0]
 
 
-def query(phb: Phb, pe: Pe, nret: int = 5) -> tuple[int, int, int, int, int]:
+def query(phb: DdwHost, pe: Pe, nret: int = 5) -> tuple[int, int, int, int, int]:
     """(status, windows_available, largest_block, page_size_mask, migration_capable).
 
     With nret=6 largest_block is still one int: the hi/lo cells joined (2^37); use
@@ -70,79 +75,48 @@ def query(phb: Phb, pe: Pe, nret: int = 5) -> tuple[int, int, int, int, int]:
     return cells[0], cells[1], cells[2], cells[3], cells[4]
 
 
-def create(phb: Phb, pe: Pe, page_shift: int, window_shift: int) -> tuple[int, int, int]:
+def _status(action: object, *args: int) -> int:
+    """Run an owner's DDW action: LookupError -> parameter error, OSError -> hardware error."""
+    try:
+        action(*args)  # type: ignore[operator]
+    except LookupError:
+        return RTAS_PARAM_ERROR
+    except OSError:
+        return RTAS_HW_ERROR
+    return RTAS_SUCCESS
+
+
+def create(phb: DdwHost, pe: Pe, page_shift: int, window_shift: int) -> tuple[int, int, int]:
     """(status, liobn, start): a new all-invalid window in the first free slot."""
-    if not _pe_ok(phb, pe) or _no_ddw(pe):
+    if not _ddw_pe(phb, pe):
         return RTAS_PARAM_ERROR, 0, 0
     if page_shift not in phb.page_shifts or window_shift < page_shift or window_shift > 64:
         return RTAS_PARAM_ERROR, 0, 0
-    c = pe.container
-    if c is None:
-        try:
-            num = pe.windows.index(None)
-        except ValueError:
-            return RTAS_HW_ERROR, 0, 0
-    nb = 1 << (window_shift - page_shift)
-    if nb >= 1 << 32:
+    if window_shift - page_shift >= 32:
         return RTAS_HW_ERROR, 0, 0  # QEMU keeps nb_table in a uint32
-    if c is not None:
-        try:
-            num, start = c.guest_create_window(page_shift, window_shift)
-        except OSError:
-            return RTAS_HW_ERROR, 0, 0  # host TCE_CREATE failed (ENOSPC, ENOMEM, EINVAL...)
-        return RTAS_SUCCESS, pe.liobn(num), start
-    active = [w for w in pe.windows if w is not None]
-    start = (
-        phb.dma32_start if all(w.bus_offset != phb.dma32_start for w in active) else phb.dma64_start
-    )
-    end = start + (1 << window_shift)
-    if end > 1 << 64 or any(w.bus_offset < end and start < w.end for w in active):
-        return RTAS_HW_ERROR, 0, 0
-    pe.set_window(num, phb.make_window(start, page_shift, nb))
+    try:
+        num, start = pe.owner.ddw_create(page_shift, window_shift)
+    except (OSError, LookupError):
+        return RTAS_HW_ERROR, 0, 0  # no free slot, overlap, host TCE_CREATE failed...
     return RTAS_SUCCESS, pe.liobn(num), start
 
 
-def remove(phb: Phb, liobn: int) -> int:
+def remove(phb: DdwHost, liobn: int) -> int:
     """Remove a window; removing the last non-default window brings the default one back."""
     found = phb.find_liobn(liobn)
     if not phb.ddw or found is None:
         return RTAS_PARAM_ERROR
     pe, num = found
-    c = pe.container
-    if _no_ddw(pe):
+    if not _ddw_pe(phb, pe):
         return RTAS_PARAM_ERROR
-    w = pe.windows[num]
-    if c is not None:
-        if w is not None:
-            start = w.bus_offset
-        elif num == 0 and c.def_window_pending:
-            start = phb.dma32_start  # the default window the host has not created yet
-        else:
-            return RTAS_PARAM_ERROR
-        try:
-            c.guest_remove_window(start)
-        except OSError:
-            return RTAS_HW_ERROR
-        return RTAS_SUCCESS
-    if w is None:
-        return RTAS_PARAM_ERROR
-    w.clear()
-    pe.set_window(num, None)
-    if pe.active_windows() == 0 and not w.default:
-        phb.reset_windows(pe)
-    return RTAS_SUCCESS
+    return _status(pe.owner.ddw_remove, num)
 
 
-def reset(phb: Phb, pe: Pe) -> int:
+def reset(phb: DdwHost, pe: Pe) -> int:
     """Every window removed, the default 32-bit window back, all TCEs invalid."""
-    if not _pe_ok(phb, pe) or _no_ddw(pe):
+    if not _ddw_pe(phb, pe):
         return RTAS_PARAM_ERROR
-    c = pe.container
-    if c is not None:
-        try:
-            c.guest_reset_windows()
-        except OSError:
-            return RTAS_HW_ERROR
-        return RTAS_SUCCESS
-    phb.reset_windows(pe)
-    return RTAS_SUCCESS
+    return _status(pe.owner.ddw_reset)
+
+
+__all__ = ["DdwHost", "create", "query", "query_cells", "remove", "reset"]

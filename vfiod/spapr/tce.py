@@ -1,6 +1,6 @@
 """TCE tables: sparse storage, and the size arithmetic the kernel charges for them.
 
-Storage: a directory (dict) of 512-entry leaves (4 KiB each), allocated on first non-zero write;
+Storage (``fastpath``): 512-entry leaves (4 KiB each), allocated on the first non-zero write;
 a missing leaf reads as zeros and clearing never allocates. A window of 1 TiB in 4 KiB pages
 (2^28 entries, 2 GiB if flat) therefore costs 4 KiB per 2 MiB of IOVA actually mapped.
 Entries are kept in **host byte order** (H_GET_TCE returns them as stored); the big-endian
@@ -14,15 +14,10 @@ because that is what locked memory is charged for, whatever the emulation stores
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
 
 from .constants import HOST_PAGE_SHIFT, MAX_LEVELS, TCE_ADDR_BITS_LIMIT, TCE_ENTRY_SIZE
-from .fastpath import LEAF_ENTRIES, LEAF_SHIFT, FastPath, default_impl
-
-if TYPE_CHECKING:
-    from .memory import HostMemory
-
-_LEAF_MASK = LEAF_ENTRIES - 1
+from .fastpath import LEAF_ENTRIES, LEAF_SHIFT, FastPath, TceStore, default_impl
+from .memory import HostMemory
 
 
 def _is_pow2(x: int) -> bool:
@@ -93,107 +88,93 @@ def qemu_guess_levels(
 
 
 class TceTable:
-    """Sparse TCE storage for ``nb_entries`` entries (see module docstring)."""
+    """One window's TCEs: a store of the window's implementation (see ``fastpath``).
 
-    __slots__ = ("nb_entries", "impl", "leaves", "generation", "fast_cache")
+    Entries are host-order u64; the store is sparse (a missing leaf reads as zeros, clearing
+    never allocates) and counts its valid entries as they change.
+    """
 
-    def __init__(self, nb_entries: int, impl: FastPath | None = None) -> None:
-        self.nb_entries = nb_entries
+    __slots__ = ("impl", "store")
+
+    def __init__(self, nb_entries: int, impl: FastPath | None = None, max_leaves: int = 0) -> None:
         self.impl: FastPath = impl or default_impl()
-        self.leaves: dict[int, Any] = {}
-        self.generation = 0  # bumped when the set of leaves changes (C index cache)
-        self.fast_cache: Any = None
+        self.store: TceStore = self.impl.new_store(nb_entries, max_leaves)
+
+    @property
+    def nb_entries(self) -> int:
+        return self.store.nb_entries
 
     # -- single entries --
     def get(self, idx: int) -> int:
-        leaf = self.leaves.get(idx >> LEAF_SHIFT)
-        return 0 if leaf is None else int(leaf[idx & _LEAF_MASK])
+        return self.store.get(idx)
 
     def set(self, idx: int, value: int) -> None:
-        leaf = self._leaf(idx >> LEAF_SHIFT, value != 0)
-        if leaf is not None:
-            leaf[idx & _LEAF_MASK] = value
+        self.store.fill(idx, 1, value)
 
-    def _leaf(self, lid: int, alloc: bool) -> Any:
-        leaf = self.leaves.get(lid)
-        if leaf is None and alloc:
-            leaf = self.impl.new_leaf()
-            self.leaves[lid] = leaf
-            self.generation += 1
-        return leaf
-
-    def runs(self, idx: int, n: int) -> Iterator[tuple[int, int, int, int]]:
-        """Split [idx, idx+n) into per-leaf runs: (leaf id, offset in leaf, count, done so far)."""
-        done = 0
-        while done < n:
-            i = idx + done
-            off = i & _LEAF_MASK
-            count = min(n - done, LEAF_ENTRIES - off)
-            yield i >> LEAF_SHIFT, off, count, done
-            done += count
-
-    # -- batches (no validation here: callers validate first) --
-    def write_be(self, idx: int, data: bytes, n: int) -> None:
+    # -- batches (no validation here: callers validate first); each returns how many of the
+    # entries it overwrote were valid, and raises OSError with nothing changed --
+    def write_be(self, idx: int, data: bytes, n: int) -> int:
         """Store n big-endian entries from ``data``."""
-        impl = self.impl
-        for lid, off, count, done in self.runs(idx, n):
-            impl.copy_be(self._leaf(lid, True), off, data, done, count)
+        return self.store.write_be(idx, data, n)
 
     def write_be_checked(
         self, idx: int, data: bytes, n: int, page_shift: int, mem: HostMemory | None
     ) -> int:
         """Validate n big-endian entries, write them only if all are good (-1), else return
-        the first bad index. One C call when the batch spans at most two leaves."""
-        off = idx & _LEAF_MASK
-        if off + n > 2 * LEAF_ENTRIES:
-            bad = self.impl.validate_be(data, n, page_shift, mem)
-            if bad < 0:
-                self.write_be(idx, data, n)
-            return bad
-        lid = idx >> LEAF_SHIFT
-        leaf0 = self._leaf(lid, True)
-        n0 = min(n, LEAF_ENTRIES - off)
-        leaf1 = self._leaf(lid + 1, True) if n > n0 else leaf0
-        return self.impl.put_batch_be(leaf0, off, n0, leaf1, data, n, page_shift, mem)
+        the first bad index (nothing written)."""
+        bad = self.impl.validate_be(data, n, page_shift, mem)
+        if bad < 0:
+            self.store.write_be(idx, data, n)
+        return bad
 
-    def write(self, idx: int, src: Sequence[int], n: int, or_bits: int = 0) -> None:
+    def write(self, idx: int, src: Sequence[int], n: int, or_bits: int = 0) -> int:
         """Store n host-order entries, each OR'ed with ``or_bits``."""
-        impl = self.impl
-        for lid, off, count, done in self.runs(idx, n):
-            impl.copy(self._leaf(lid, True), off, src, done, count, or_bits)
+        return self.store.write(idx, src, n, or_bits)
 
-    def fill(self, idx: int, n: int, value: int) -> None:
+    def fill(self, idx: int, n: int, value: int) -> int:
         """Store ``value`` in n entries; zero never allocates leaves."""
-        impl = self.impl
-        for lid, off, count, _ in self.runs(idx, n):
-            leaf = self._leaf(lid, value != 0)
-            if leaf is not None:
-                impl.fill(leaf, off, count, value)
+        return self.store.fill(idx, n, value)
 
-    def fill_linear(self, idx: int, n: int, first: int, step: int) -> None:
+    def fill_linear(self, idx: int, n: int, first: int, step: int) -> int:
         """Entry idx+i = first + i*step: maps a physically contiguous range."""
-        impl = self.impl
-        for lid, off, count, done in self.runs(idx, n):
-            impl.fill_linear(self._leaf(lid, True), off, count, first + done * step, step)
+        return self.store.fill_linear(idx, n, first, step)
 
     def clear_all(self) -> None:
         """Drop every leaf (all entries invalid)."""
-        self.leaves.clear()
-        self.generation += 1
+        self.store.clear()
+
+    def grow(self, nb_entries: int) -> None:
+        """Address more entries (a window grown in place keeps what it holds)."""
+        self.store.resize(nb_entries)
+
+    def take_store(self) -> TceStore:
+        """Hand the entries over (to a re-created window); this table is left empty."""
+        store = self.store
+        self.store = self.impl.new_store(store.nb_entries)
+        return store
+
+    def adopt(self, store: TceStore) -> None:
+        """Take over ``store`` (from ``take_store``); the current entries are dropped."""
+        self.store.clear()
+        store.resize(max(store.nb_entries, self.store.nb_entries))
+        self.store = store
 
     # -- inspection --
     @property
+    def valid_count(self) -> int:
+        """Entries granting TCE_READ or TCE_WRITE: kept as entries change, O(1) to read."""
+        return self.store.valid
+
+    @property
     def allocated_bytes(self) -> int:
         """Memory used by leaves: proportional to what was ever written non-zero."""
-        return len(self.leaves) * LEAF_ENTRIES * TCE_ENTRY_SIZE
+        return self.store.leaf_count * LEAF_ENTRIES * TCE_ENTRY_SIZE
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(index, value) of every non-zero entry, in index order."""
-        for lid in sorted(self.leaves):
-            leaf = self.leaves[lid]
+        for lid, leaf in self.store.leaves():
             base = lid << LEAF_SHIFT
-            for off in range(LEAF_ENTRIES):
-                v = leaf[off]
+            for off, v in enumerate(leaf):
                 if v:
                     yield base + off, int(v)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from array import array
 from collections.abc import Sequence
+from typing import Protocol
 
 from .constants import TCE_READ, TCE_RW, TCE_WRITE, U64_MASK
 from .fastpath import FastPath, RawPiece
@@ -154,13 +155,19 @@ class Window:
             )
         self.table.write(self.index(ioba), tces, npages)
 
-    def clear_pages(self, ioba: int, npages: int) -> None:
-        """Invalidate npages entries from ``ioba`` (never allocates table memory)."""
+    def clear_pages(self, ioba: int, npages: int) -> int:
+        """Invalidate npages entries from ``ioba`` (never allocates table memory); returns how
+        many of them were valid."""
         self._check_range(ioba, npages)
-        self.table.fill(self.index(ioba), npages, 0)
+        return self.table.fill(self.index(ioba), npages, 0)
 
     def clear(self) -> None:
         self.table.clear_all()
+
+    @property
+    def tces_in_use(self) -> int:
+        """Valid entries (R or W granted): a counter, so reading it costs nothing."""
+        return self.table.valid_count
 
     # -- translation --
     def translate_raw(
@@ -168,7 +175,7 @@ class Window:
     ) -> list[RawPiece]:
         """Raw pieces through this window (TranslateFault on any problem)."""
         return self.table.impl.translate(
-            self.table, self.bus_offset, self.page_shift, sg, write, memory
+            self.table.store, self.bus_offset, self.page_shift, sg, write, memory
         )
 
     def maps_into(self, lo: int, hi: int) -> bool:
@@ -182,4 +189,29 @@ class Window:
         return False
 
 
-__all__ = ["Window", "TCE_READ", "TCE_WRITE"]
+class WindowOwner(Protocol):
+    """Who programs a PE's windows (its TVEs): the platform itself (``Pe``), or the VFIO
+    container that took the PE's group (``Container``). The guest's DDW RTAS calls (``rtas``),
+    the hypercalls (through the PE's slots) and a vfio-user session's DMA view all go through
+    it, so none of them needs to know which of the two it is talking to.
+
+    ``ddw_*`` raise ``LookupError`` when the request names nothing (RTAS parameter error) and
+    ``OSError`` when the owner cannot do it (RTAS hardware error); either way nothing changed.
+    """
+
+    @property
+    def windows(self) -> Sequence[Window | None]: ...
+
+    @property
+    def ddw_supported(self) -> bool: ...
+
+    def ddw_available(self) -> int: ...
+
+    def ddw_create(self, page_shift: int, window_shift: int) -> tuple[int, int]: ...
+
+    def ddw_remove(self, num: int) -> None: ...
+
+    def ddw_reset(self) -> None: ...
+
+
+__all__ = ["Window", "WindowOwner", "TCE_READ", "TCE_WRITE"]

@@ -12,7 +12,7 @@ from vfiod import spapr
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.pci import DmaFault
 from vfiod.server.dma import DmaMapTable
-from vfiod.server.pe_dma import PeDma
+from vfiod.spapr import ClientMemory, PeDma
 
 PAGE = 4096
 BASE = 0x100000
@@ -76,7 +76,7 @@ class GuestRam:
         if pe:
             self.phb = spapr.Phb(index=0)
             self.pe: spapr.Pe | None = self.phb.new_pe()
-            self.view = PeDma(self.phb, self.pe, spapr.Client())
+            self.view = PeDma(self.phb, self.pe, ClientMemory(spapr.Client()))
         else:
             self.pe = None
             self.view = DmaMapTable()

@@ -95,7 +95,7 @@ snapshot start_
 pid0=$(prop MainPID)
 mark start_status_text="$(prop StatusText | tr ' =' '_:')"
 mark $(probe check "$RUN/test0.sock" start_test0_)
-mark start_tce_mapped=$(grep -c '_tce' "/proc/$pid0/maps" 2>/dev/null || echo 0) \
+mark start_tce_mapped=$(grep -c '_fast' "/proc/$pid0/maps" 2>/dev/null || echo 0) \
     start_mdwe=$(prop MemoryDenyWriteExecute) start_caps=$(prop CapabilityBoundingSet | wc -w)
 
 # ---- runtime layout change through the control socket: 2 VFs on pf0 --------------------------

@@ -1,22 +1,25 @@
-"""A vfio-user client's DMA through the POWER8 platform: DMA_MAP/DMA_UNMAP become TCE updates.
+"""A vfio-user client's DMA through its function's PE: DMA_MAP/DMA_UNMAP become TCE updates.
 
-:class:`PeDma` is a drop-in for :class:`vfiod.server.dma.DmaMapTable` in a session
-(``map``/``unmap``/``unmap_all``/``close``/``len``/``backing_count`` and the ``DmaSpace``
-``read``/``write``), but every device access goes through the function's PE:
+:class:`PeDma` is the DMA view a session holds when its function sits behind a PHB, and the
+``DmaSpace`` its device uses; every device access goes through the function's PE:
 
 * The session owns a v2 sPAPR :class:`~vfiod.spapr.Container` holding the function's PE group,
-  charged to a :class:`~vfiod.spapr.Client` (one QEMU process; shared by all sessions of it).
-* Each RAM file (deduped by ``(st_dev, st_ino)``, one fd and one mmap per client and file) gets
-  a host address range of its own, registered in every PHB's ``HostMemory`` that needs it and
-  preregistered with the container (``register_memory``). Preregistration charges the client's
-  locked memory once per file, however many sessions, functions or windows map it; the other
-  containers of the client only take a reference. The charge goes when the last session of the
-  client using that file closes. Table bytes of every window are charged too (kernel v2 rules).
-* A DMA_MAP is one ``Window.map_pages`` batch call (C fast path underneath) in the window that
-  holds the IOVA, TCE permissions exactly from the DMA_MAP flags (READ -> R, WRITE -> W; unlike
+  charged to the client's :class:`~vfiod.spapr.Client` (one QEMU process: one "mm").
+* The client's RAM files live in its :class:`ClientMemory` (one fd, one mmap and one host
+  address range per file, deduplicated by ``(st_dev, st_ino)``, shared by every session of the
+  client). Host addresses come from the host's :class:`AddressSpace` and are given back when a
+  file goes. Each session preregisters the files it maps with its container: the client's first
+  registration charges its locked memory, later ones only take a reference, so guest RAM is
+  charged once however many functions map it. Table bytes of every window are charged too.
+* A DMA_MAP is one ``Window.map_pages`` batch (the C store underneath) in the window that holds
+  the IOVA; TCE permissions come exactly from the DMA_MAP flags (READ -> R, WRITE -> W; unlike
   PowerNV's MAP_DMA, W is not promoted to R|W). Windows use 4 KiB IOMMU pages, so every
   4 KiB-aligned map QEMU sends works (a pseries guest's 64 KiB or 16 MiB TCEs arrive as maps of
-  that size, which are simply 16 or 4096 entries).
+  that size, which are simply 16 or 4096 entries). The TCE tables are the only record of what
+  is mapped: a map over a mapped range overwrites it, an unmap clears whatever lies in the range
+  (a range never mapped costs a lookup of missing leaves: a pseries guest clears its whole
+  default window at boot, 262,144 such 4 KiB unmaps), and "how much is mapped" is the tables'
+  count of valid entries.
 * Window policy (per PHB, chosen by the caller):
 
   - ``power8``: the layout of a pseries guest. The 32-bit window at ``dma32_start``
@@ -27,69 +30,117 @@
     way up to 2^54 (the 4 KiB-page geometry limit): a q35 guest without a guest IOMMU, whose
     QEMU maps guest RAM at its physical addresses.
 
-  Table storage is sparse (4 KiB per 2 MiB of IOVA actually mapped) whatever the window size;
-  growing a window keeps its leaves, so it costs O(leaves), not O(window).
+  Table storage is sparse (4 KiB per 2 MiB of IOVA actually mapped) within a per-window budget
+  (``max_table_bytes``); growing a window keeps its store, so it costs nothing per entry.
 * Errors (error reply with errno, nothing changed): EINVAL for bad flags, a zero, wrapping or
   misaligned range, a map without an fd or beyond its file, a map crossing a window's end;
   ENXIO for an IOVA in no window (or past the policy's limit); EACCES for a writable map of a
   read-only file; ENOMEM when the registration or a window's table would pass the client's
-  memlock limit; ENOSPC past ``max_mappings`` / ``max_backings``.
-* DMA_UNMAP of a range that was never mapped succeeds (as the kernel's sPAPR driver does: a
-  pseries guest clears its whole default window at boot, 262,144 such 4 KiB unmaps). Live maps
-  are kept in a ``SortedDict`` (sortedcontainers, a dependency of trio): insert, remove and
-  "what overlaps [a, b)" are O(log n), so tens of thousands of live 4 KiB maps stay cheap, and an
-  unmap that hits nothing costs one bisect and never touches the tables.
+  memlock limit; ENOSPC past ``max_backings`` files or a window's table budget.
 
-Device DMA (``read``/``write``) is ``Pe.translate`` followed by ``pread``/``pwrite`` on the
-file; zero-copy DMA (``iovecs``) is one ``Pe.translate_sg`` of a whole scatter-gather list, lent
-as memoryviews of the files' mmaps for the kernel's ``preadv``/``pwritev`` and released when the
+Device DMA (``read``/``write``) is ``Pe.translate_regions`` followed by ``pread``/``pwrite`` on
+the file; zero-copy DMA (``iovecs``) is one translation of a whole scatter-gather list, lent as
+memoryviews of the files' mmaps for the kernel's ``preadv``/``pwritev`` and released when the
 ``with`` block ends. Either way a read needs R, a write W, and a translation fault anywhere (no
 window, invalid TCE, permission, frozen DMA) freezes the PE (EEH) before any byte moves; a
 client file that shrank freezes it too (short pread/pwrite, or EFAULT from the kernel during
 zero-copy I/O). Python never reads or writes the client's mmap itself, so a client that
 truncates its file gets a DMA fault, not a SIGBUS in the daemon.
-
-``access_blocked(region)`` tells the session when MMIO (BARs, ROM, VGA) of a frozen PE must read
-all-ones and drop stores, and when config space is blocked (during an EEH reset).
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import mmap
 import os
 import stat
-import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from sortedcontainers import SortedDict
-
-from vfiod import spapr
-from vfiod.pci.constants import REGION_CONFIG
-from vfiod.pci.dma import DmaFault, IovecLease
+from .constants import (
+    SPAPR_TCE_PAGE_SHIFT,
+    VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_SPAPR_TCE_v2_IOMMU,
+)
+from .container import Container
+from .dma import DmaFault, IovecLease
+from .fastpath import CffiFastPath, CffiTceStore
+from .memlock import Client
+from .pe import Pe, RegionPiece
+from .phb import Phb
+from .tce import get_table_size
+from .window import Window
 
 DMA_READ = 1  #: DMA_MAP flag: the device may read this memory
 DMA_WRITE = 2  #: DMA_MAP flag: the device may write this memory
 POLICIES = ("power8", "flat")
 
-PAGE_SHIFT = spapr.SPAPR_TCE_PAGE_SHIFT  #: IOMMU page of every window PeDma creates (4 KiB)
+PAGE_SHIFT = SPAPR_TCE_PAGE_SHIFT  #: IOMMU page of every window PeDma creates (4 KiB)
 PAGE_SIZE = 1 << PAGE_SHIFT
 MIN_WINDOW = 1 << 31  #: smallest lazily created / grown window (2 GiB: 8 MiB of table charge)
 MAX_WINDOW = 1 << 54  #: largest 4 KiB-page window the PHB3 table geometry allows
+MAX_TABLE_BYTES = 256 << 20  #: default leaf budget of one window (128 GiB of 4 KiB mappings)
 HOST_ALIGN = 1 << 24  #: host addresses of RAM files are 16 MiB aligned
 HOST_BASE = 1 << 44  #: first host address handed out (far above test/hypercall memory)
 _IOVA_LIMIT = 1 << 64
 _PAGE_MASK = PAGE_SIZE - 1
+_LEAF_BYTES = 4096
 
 
-# -- shared state: per client (files, host addresses) and per PHB (HostMemory regions) ---------
+class AddressSpace:
+    """Host virtual addresses for the clients' RAM files; one per host, owned by it.
+
+    A file gets the same address in every PHB's memory map (so it is registered, and charged,
+    once per client), no two live files overlap, a guard gap separates neighbours, and a range
+    is reused once its file is gone (first fit), so a long-running daemon whose clients come
+    and go never runs out.
+    """
+
+    def __init__(self, base: int = HOST_BASE, limit: int = _IOVA_LIMIT,
+                 align: int = HOST_ALIGN) -> None:  # fmt: skip
+        self.align = align
+        self._free: list[tuple[int, int]] = [(base, limit)]  # sorted, coalesced [start, end)
+        self._used: dict[int, int] = {}  # start -> end (guard included)
+
+    def _span(self, size: int) -> int:
+        return -(-size // self.align) * self.align + self.align  # + a guard gap
+
+    def alloc(self, size: int) -> int:
+        span = self._span(size)
+        for i, (start, end) in enumerate(self._free):
+            if end - start >= span:
+                if end - start == span:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + span, end)
+                self._used[start] = start + span
+                return start
+        raise OSError(errno.ENOMEM, "host address space exhausted")
+
+    def free(self, vaddr: int) -> None:
+        end = self._used.pop(vaddr)
+        i = bisect.bisect_left(self._free, (vaddr, end))
+        self._free.insert(i, (vaddr, end))
+        # coalesce with the neighbours
+        if i + 1 < len(self._free) and self._free[i][1] == self._free[i + 1][0]:
+            self._free[i] = (self._free[i][0], self._free[i + 1][1])
+            del self._free[i + 1]
+        if i > 0 and self._free[i - 1][1] == self._free[i][0]:
+            self._free[i - 1] = (self._free[i - 1][0], self._free[i][1])
+            del self._free[i]
+
+    @property
+    def in_use(self) -> int:
+        """Ranges handed out and not given back."""
+        return len(self._used)
 
 
 @dataclass(eq=False)
 class ClientFile:
-    """One RAM file of one client: one fd, one mmap, one host address range, one charge."""
+    """One RAM file of one client: one fd, one mmap, one host address range."""
 
     key: tuple[int, int]
     fd: int
@@ -110,52 +161,58 @@ class ClientFile:
         _close_quietly(self.fd)
 
 
-@dataclass(eq=False)
-class _PhbRegion:
-    region: spapr.MemoryRegion
-    file: ClientFile
-    refs: int = 0
+class ClientMemory:
+    """The RAM files of one client (QEMU process), shared by all its sessions.
 
+    The host keeps one per client it admits; it holds the client's locked-memory account
+    (``client``) and takes host addresses from the host's ``AddressSpace``.
+    """
 
-@dataclass(eq=False)
-class _PhbSpace:
-    """The RAM files one PHB's ``HostMemory`` holds for PeDma, and buffer -> file lookup."""
+    def __init__(self, client: Client, space: AddressSpace | None = None) -> None:
+        self.client = client
+        self.space = space if space is not None else AddressSpace()
+        self.files: dict[tuple[int, int], ClientFile] = {}
 
-    regions: dict[int, _PhbRegion] = field(default_factory=dict)  # by vaddr
-    by_buffer: dict[int, ClientFile] = field(default_factory=dict)  # id(region.buffer)
+    def find(self, key: tuple[int, int]) -> ClientFile | None:
+        return self.files.get(key)
 
+    def open(self, fd: int, key: tuple[int, int], size: int) -> ClientFile:
+        """A new file from ``fd`` (owned by the result from here on, even on error)."""
+        try:
+            writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            # HostMemory wants a writable buffer; a read-only file gets a private
+            # (copy-on-write) mapping that nobody writes. Python never touches either mapping.
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY
+            mm = mmap.mmap(fd, size, access=access)
+        except BaseException:
+            _close_quietly(fd)
+            raise
+        page = self.client.page_size
+        reg_size = -(-size // page) * page
+        try:
+            vaddr = self.space.alloc(reg_size)
+        except BaseException:
+            mm.close()
+            _close_quietly(fd)
+            raise
+        return ClientFile(key, fd, size, reg_size, vaddr, writable, mm)
 
-_client_files: weakref.WeakKeyDictionary[spapr.Client, dict[tuple[int, int], ClientFile]] = (
-    weakref.WeakKeyDictionary()
-)
-_phb_spaces: weakref.WeakKeyDictionary[spapr.Phb, _PhbSpace] = weakref.WeakKeyDictionary()
-_next_vaddr = HOST_BASE
+    def hold(self, file: ClientFile) -> None:
+        file.refs += 1
+        self.files[file.key] = file
 
+    def release(self, file: ClientFile) -> None:
+        """One holder less; the last one closes the file and gives its addresses back."""
+        file.refs -= 1
+        if file.refs <= 0:
+            if self.files.get(file.key) is file:
+                del self.files[file.key]
+            self.discard(file)
 
-def _alloc_vaddr(size: int) -> int:
-    """Process-wide bump allocator: one client's file has the same host address on every PHB
-    (so it is registered, and charged, once), and no two files ever overlap."""
-    global _next_vaddr
-    vaddr = _next_vaddr
-    _next_vaddr = vaddr + -(-size // HOST_ALIGN) * HOST_ALIGN + HOST_ALIGN  # + a guard gap
-    if _next_vaddr > _IOVA_LIMIT:
-        raise OSError(errno.ENOMEM, "host address space exhausted")
-    return vaddr
-
-
-@dataclass(eq=False)
-class Mapping:
-    """One live DMA_MAP range (kept for unmap, splitting and ``len``)."""
-
-    iova: int
-    size: int
-    file: ClientFile
-    offset: int
-    prot: int
-
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
+    def discard(self, file: ClientFile) -> None:
+        """Close a file nobody holds (a fresh file whose first map failed)."""
+        file.close()
+        self.space.free(file.vaddr)
 
 
 class PeDma:
@@ -163,13 +220,13 @@ class PeDma:
 
     def __init__(
         self,
-        phb: spapr.Phb,
-        pe: spapr.Pe,
-        client: spapr.Client,
+        phb: Phb,
+        pe: Pe,
+        memory: ClientMemory,
         policy: str = "power8",
         *,
-        max_mappings: int = 1 << 20,
         max_backings: int = 64,
+        max_table_bytes: int = MAX_TABLE_BYTES,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown window policy {policy!r} (one of {POLICIES})")
@@ -179,18 +236,23 @@ class PeDma:
             raise ValueError("the PHB does not support 4 KiB IOMMU pages")
         self.phb = phb
         self.pe = pe
-        self.client = client
+        self.memory = memory
+        self.client = memory.client
         self.policy = policy
-        self.max_mappings = max_mappings
         self.max_backings = max_backings
-        self._maps = SortedDict()  # iova -> Mapping, non-overlapping
+        self.max_leaves = max(1, max_table_bytes // _LEAF_BYTES)
         self._files: dict[tuple[int, int], ClientFile] = {}
-        self._space = _phb_spaces.setdefault(phb, _PhbSpace())
-        self._client_files = _client_files.setdefault(client, {})
-        self.maps_total = 0
-        self.unmaps_total = 0
+        #: the C view of this DMA state (``struct vfiod_pe_dma``, cffi_build/pe_dma.h) the
+        #: session fast path maps and unmaps through; None without the C module
+        self.c_view: Any = None
+        self._maps_total = self._unmaps_total = 0
+        impl = phb.impl
+        if isinstance(impl, CffiFastPath):
+            self.c_view = impl.ffi.new("struct vfiod_pe_dma *")
+            if pe.eeh.mirror is not None:
+                self.c_view.eeh = pe.eeh.mirror
         self.closed = False
-        self.container = spapr.Container(spapr.VFIO_SPAPR_TCE_v2_IOMMU, client)
+        self.container = Container(VFIO_SPAPR_TCE_v2_IOMMU, self.client)
         try:
             self.container.attach_group(pe.group)
             # Drop the kernel's lazily created default window and create our own, as QEMU's
@@ -201,12 +263,68 @@ class PeDma:
         except BaseException:
             self.container.close()
             raise
+        self._sync()
 
     def __repr__(self) -> str:
         return (
             f"PeDma(phb={self.phb.index}, pe={self.pe.number}, policy={self.policy}, "
-            f"maps={len(self._maps)}, files={len(self._files)})"
+            f"mapped={self.mapped_bytes:#x}, files={len(self._files)})"
         )
+
+    # -- counters (in the C view when there is one: the fast path counts there too) ---------
+
+    @property
+    def maps_total(self) -> int:
+        return int(self.c_view.maps_total) if self.c_view is not None else self._maps_total
+
+    @maps_total.setter
+    def maps_total(self, value: int) -> None:
+        if self.c_view is not None:
+            self.c_view.maps_total = value
+        else:
+            self._maps_total = value
+
+    @property
+    def unmaps_total(self) -> int:
+        return int(self.c_view.unmaps_total) if self.c_view is not None else self._unmaps_total
+
+    @unmaps_total.setter
+    def unmaps_total(self, value: int) -> None:
+        if self.c_view is not None:
+            self.c_view.unmaps_total = value
+        else:
+            self._unmaps_total = value
+
+    def _sync(self) -> None:
+        """Tell the C view what the windows and files are now (after any change to them)."""
+        c = self.c_view
+        if c is None:
+            return
+        c.closed = int(self.closed)
+        for slot in range(len(c.win)):
+            w = self.container.windows[slot] if slot < len(self.container.windows) else None
+            store = w.table.store if w is not None else None
+            if w is None or not isinstance(store, CffiTceStore):
+                c.win[slot].size = 0
+                c.win[slot].store = self.c_null
+                continue
+            c.win[slot].start = w.start
+            c.win[slot].size = w.size
+            c.win[slot].page_shift = w.page_shift
+            c.win[slot].store = store.ptr
+        files = list(self._files.values())
+        for i, f in enumerate(files):
+            c.files[i].dev, c.files[i].ino = f.key
+            c.files[i].vaddr = f.vaddr
+            c.files[i].size = f.size
+            c.files[i].writable = int(f.writable)
+        c.nfiles = len(files)
+
+    @property
+    def c_null(self) -> Any:
+        impl = self.phb.impl
+        assert isinstance(impl, CffiFastPath)
+        return impl.ffi.NULL
 
     # -- DMA_MAP / DMA_UNMAP ---------------------------------------------------------------
 
@@ -225,11 +343,9 @@ class PeDma:
                 # they get no TCEs: the map replaces what was there and a device DMA to it
                 # faults (and freezes the PE) like any unmapped IOVA.
                 self._plan(iova, size)
-                self._remove_range(iova, iova + size, clear=True)
+                self._clear(iova, iova + size)
                 self.maps_total += 1
                 return
-            if len(self._maps) >= self.max_mappings:
-                raise OSError(errno.ENOSPC, f"more than {self.max_mappings} live DMA mappings")
             slot, need = self._plan(iova, size)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -240,15 +356,17 @@ class PeDma:
                 _close_quietly(fd)
             raise
         file, fresh = self._acquire(fd, key, st.st_size, offset + size, prot)  # owns fd now
+        before = self.container.windows[slot]
         try:
             window = self._ensure(slot, need)
             window.map_pages(iova, (file.vaddr + offset, size >> PAGE_SHIFT), prot)
         except BaseException:
             if fresh:
                 self._drop(file)
+            self._sync()
             raise
-        self._remove_range(iova, iova + size, clear=False)  # map_pages overwrote the TCEs
-        self._maps[iova] = Mapping(iova, size, file, offset, prot)
+        if fresh or window is not before:
+            self._sync()  # a new file or a new window: the C view must know
         self.maps_total += 1
 
     def unmap(self, iova: int, size: int) -> int:
@@ -259,13 +377,12 @@ class PeDma:
         if (iova | size) & _PAGE_MASK:
             raise OSError(errno.EINVAL, "iova and size must be 4 KiB aligned")
         self.unmaps_total += 1
-        return self._remove_range(iova, iova + size, clear=True)
+        return self._clear(iova, iova + size)
 
     def unmap_all(self) -> None:
         """DMA_UNMAP with UNMAP_ALL: every TCE invalid; registrations stay (client alive)."""
         self._check_open()
         self.unmaps_total += 1
-        self._maps.clear()
         for w in self.container.windows:
             if w is not None:
                 w.clear()
@@ -275,11 +392,11 @@ class PeDma:
         if self.closed:
             return
         self.closed = True
-        self._maps.clear()
         self.container.close()  # clears and uncharges tables, drops prereg references
         for file in list(self._files.values()):
             self._release_file(file)
         self._files.clear()
+        self._sync()
         eeh = self.pe.eeh  # the next client finds the function as a fresh open would
         eeh.reset_asserted = False
         eeh.config_blocked = False
@@ -287,18 +404,22 @@ class PeDma:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._maps)
+    @property
+    def mapped_bytes(self) -> int:
+        """IOVA bytes with a valid TCE (counted by the tables, O(1))."""
+        return sum(w.tces_in_use << w.page_shift for w in self.container.windows if w)
 
     @property
     def backing_count(self) -> int:
         return len(self._files)
 
-    def mappings(self) -> Iterator[Mapping]:
-        return iter(self._maps.values())
-
-    def window(self, slot: int) -> spapr.Window | None:
+    def window(self, slot: int) -> Window | None:
         return self.container.windows[slot] if slot < len(self.container.windows) else None
+
+    @property
+    def files(self) -> tuple[ClientFile, ...]:
+        """The client files this session has mapped (held until it closes)."""
+        return tuple(self._files.values())
 
     # -- EEH: what the session asks before MMIO and config accesses -------------------------
 
@@ -307,16 +428,13 @@ class PeDma:
         """MMIO of the PE is stopped (frozen, or a reset is asserted): loads read all-ones."""
         return not self.pe.eeh.mmio_enabled
 
-    @property
-    def config_blocked(self) -> bool:
-        """Config space is blocked (during an EEH hot/fundamental reset)."""
-        return self.pe.eeh.config_blocked
-
     def access_blocked(self, region: int) -> bool:
-        """True if a REGION_READ must return all-ones and a REGION_WRITE be dropped."""
-        if region == REGION_CONFIG:
-            return self.config_blocked
-        return self.mmio_frozen
+        """True if a REGION_READ must return all-ones and a REGION_WRITE be dropped: MMIO of
+        a frozen PE (or one in reset), config space while an EEH reset is asserted."""
+        eeh = self.pe.eeh
+        if region == VFIO_PCI_CONFIG_REGION_INDEX:
+            return eeh.config_blocked
+        return not eeh.mmio_enabled
 
     def eeh_op(self, op: int, err_type: int = 0, func: int = 0, addr: int = 0,
                mask: int = 0) -> int:  # fmt: skip
@@ -333,7 +451,7 @@ class PeDma:
     # -- DmaSpace: device DMA through the PE ------------------------------------------------
 
     def read(self, iova: int, length: int) -> bytes:
-        pieces = self._translate(iova, length, write=False)
+        pieces = self._translate([(iova, length)], write=False)
         chunks = []
         for file, off, n in pieces:
             data = os.pread(file.fd, n, off)
@@ -344,7 +462,7 @@ class PeDma:
 
     def write(self, iova: int, data: bytes) -> None:
         length = len(data)
-        pieces = self._translate(iova, length, write=True)
+        pieces = self._translate([(iova, length)], write=True)
         ends: dict[int, int] = {}
         for file, off, n in pieces:
             ends[file.fd] = max(ends.get(file.fd, 0), off + n)
@@ -359,27 +477,20 @@ class PeDma:
             pos += n
 
     def iovecs(self, pieces: Sequence[tuple[int, int]], write: bool) -> IovecLease:
-        """Zero-copy DMA (``vfiod.pci.dma.ZeroCopyDma``): the whole scatter-gather list goes
-        through the PE in one ``Pe.translate_sg`` call (the C translation, one call per window
-        the list touches), then each host piece becomes a memoryview of its client file's mmap.
+        """Zero-copy DMA (``ZeroCopyDma``): the whole scatter-gather list goes through the PE
+        in one translation (the C translation, one call per window the list touches), then
+        each host piece becomes a memoryview of its client file's mmap.
 
         ``write`` means the device writes guest memory (needs W); else it reads it (needs R).
         Any fault freezes the PE and raises DmaFault before a view exists, so nothing moves.
         The views are only valid inside the lease's ``with`` block; an EFAULT from the kernel
         (the client truncated its file) leaving the block freezes the PE and becomes DmaFault.
         """
-        try:
-            host = self.pe.translate_sg(pieces, write)  # freezes the PE on a fault
-        except spapr.DmaFault as f:
-            raise DmaFault(f.iova, f.length, write, f.reason) from None
-        by_buffer = self._space.by_buffer
-        for buf, _, _ in host:
-            if id(buf) not in by_buffer:
-                raise self._sg_fault(pieces, write, "TCE points at memory of no client file")
+        host = self._regions(pieces, write)
         views: list[memoryview] = []
         try:
-            for buf, off, n in host:
-                v = buf[off : off + n]
+            for region, off, n in host:
+                v = region.buffer[off : off + n]
                 views.append(v)
                 if v.nbytes != n:  # cannot happen: translation checked the region bounds
                     raise self._sg_fault(pieces, write, "piece beyond its client file")
@@ -393,26 +504,30 @@ class PeDma:
 
         return IovecLease(views, (), on_efault)
 
+    def _regions(self, sg: Sequence[tuple[int, int]], write: bool) -> list[RegionPiece]:
+        """Translate through the PE (freezing it on a fault); every piece must be a client
+        file of this session."""
+        host = self.pe.translate_regions(sg, write)
+        for region, _, _ in host:
+            if not isinstance(region.owner, ClientFile):
+                raise self._sg_fault(sg, write, "TCE points at memory of no client file")
+        return host
+
+    def _translate(self, sg: Sequence[tuple[int, int]],
+                   write: bool) -> list[tuple[ClientFile, int, int]]:  # fmt: skip
+        out = []
+        for region, off, n in self._regions(sg, write):
+            file = region.owner
+            assert isinstance(file, ClientFile)
+            out.append((file, off, n))
+        return out
+
     def _sg_fault(self, pieces: Sequence[tuple[int, int]], write: bool, reason: str) -> DmaFault:
         iova = pieces[0][0] if pieces else 0
         return self._fault(iova, sum(n for _, n in pieces), write, reason)
 
-    def _translate(self, iova: int, length: int, write: bool) -> list[tuple[ClientFile, int, int]]:
-        try:
-            pieces = self.pe.translate(iova, length, write)  # freezes the PE on a fault
-        except spapr.DmaFault as f:
-            raise DmaFault(f.iova, f.length, write, f.reason) from None
-        out = []
-        by_buffer = self._space.by_buffer
-        for buf, off, n in pieces:
-            file = by_buffer.get(id(buf))
-            if file is None:
-                raise self._fault(iova, length, write, "TCE points at memory of no client file")
-            out.append((file, off, n))
-        return out
-
     def _fault(self, iova: int, length: int, write: bool, reason: str) -> DmaFault:
-        self.pe.freeze()
+        self.pe.dma_fault()  # freezes the PE unless the PHB's fault policy is "error"
         return DmaFault(iova, length, write, reason)
 
     # -- windows -----------------------------------------------------------------------------
@@ -442,35 +557,48 @@ class PeDma:
 
     def _levels(self, size: int) -> int:
         for levels in range(1, self.phb.max_levels + 1):
-            if spapr.get_table_size(PAGE_SHIFT, size, levels, self.phb.host_page_shift):
+            if get_table_size(PAGE_SHIFT, size, levels, self.phb.host_page_shift):
                 return levels
         raise OSError(errno.EINVAL, f"no table geometry for a {size:#x} window")
 
-    def _create(self, slot: int, size: int, levels: int | None = None) -> spapr.Window:
+    def _create(self, slot: int, size: int, levels: int | None = None) -> Window:
         levels = self._levels(size) if levels is None else levels
         self.container.create_window(PAGE_SHIFT, size, levels)
         w = self.container.windows[slot]
         assert w is not None, "the container placed the window in another slot"
+        w.table.store.max_leaves = self.max_leaves
         return w
 
-    def _ensure(self, slot: int, need: int) -> spapr.Window:
-        """The window of ``slot``, created or grown to ``need`` bytes (leaves kept)."""
+    def _ensure(self, slot: int, need: int) -> Window:
+        """The window of ``slot``, created or grown to ``need`` bytes (entries kept)."""
         w = self.container.windows[slot]
         if w is not None and w.size >= need:
             return w
         if w is None:
             return self._create(slot, need)
-        leaves = dict(w.table.leaves)  # remove_window clears the dict, not the leaves
+        store = w.table.take_store()  # the entries move to the re-created window
         old_size, old_levels = w.size, w.levels
         self.container.remove_window(w.start)
         try:
             new = self._create(slot, need)
         except OSError:
             new = self._create(slot, old_size, old_levels)  # we just gave its charge back
-            _adopt_leaves(new, leaves)
+            new.table.adopt(store)
             raise
-        _adopt_leaves(new, leaves)
+        new.table.adopt(store)
         return new
+
+    def _clear(self, start: int, end: int) -> int:
+        """Invalidate every TCE in [start, end) of every window; returns the bytes that were
+        mapped. Missing leaves are skipped, so a range that was never mapped costs nothing."""
+        removed = 0
+        for w in self.container.windows:
+            if w is None:
+                continue
+            lo, hi = max(start, w.start), min(end, w.end)
+            if lo < hi:
+                removed += w.clear_pages(lo, (hi - lo) >> PAGE_SHIFT) << PAGE_SHIFT
+        return removed
 
     # -- files -------------------------------------------------------------------------------
 
@@ -487,19 +615,19 @@ class PeDma:
                 return file, False
             if len(self._files) >= self.max_backings:
                 raise OSError(errno.ENOSPC, f"more than {self.max_backings} distinct RAM files")
-            file = self._client_files.get(key)
+            file = self.memory.find(key)
             if file is not None:
                 _close_quietly(fd)
                 self._check_fits(file, need, prot)
             else:
                 if need > st_size:
                     raise OSError(errno.EINVAL, f"DMA_MAP beyond its file ({st_size:#x} bytes)")
-                file = _open_file(fd, key, st_size, self.client.page_size)
+                file = self.memory.open(fd, key, st_size)
                 fd = -1  # the file owns it now
                 try:
                     self._check_fits(file, need, prot)
                 except BaseException:
-                    file.close()
+                    self.memory.discard(file)
                     raise
         except BaseException:
             if fd >= 0:
@@ -512,17 +640,22 @@ class PeDma:
             self.container.register_memory(file.vaddr, file.reg_size)
         except BaseException:
             if not shared:
-                file.close()
+                self.memory.discard(file)
             raise
         try:
-            self._space_add(file)
+            assert file.mm is not None
+            self.phb.memory.attach(file.vaddr, file.size, file.mm, file)
+        except ValueError as exc:
+            self.container.unregister_memory(file.vaddr, file.reg_size)
+            if not shared:
+                self.memory.discard(file)
+            raise OSError(errno.EBUSY, f"host address range taken: {exc}") from None
         except BaseException:
             self.container.unregister_memory(file.vaddr, file.reg_size)
             if not shared:
-                file.close()
+                self.memory.discard(file)
             raise
-        file.refs += 1
-        self._client_files[key] = file
+        self.memory.hold(file)
         self._files[key] = file
         return file, True
 
@@ -532,33 +665,6 @@ class PeDma:
             raise OSError(errno.EINVAL, f"DMA_MAP beyond its file ({file.size:#x} bytes)")
         if prot & DMA_WRITE and not file.writable:
             raise OSError(errno.EACCES, "DMA_MAP asks for write access to a read-only file")
-
-    def _space_add(self, file: ClientFile) -> None:
-        entry = self._space.regions.get(file.vaddr)
-        if entry is None:
-            assert file.mm is not None
-            try:
-                region = self.phb.memory.add(file.vaddr, file.size, file.mm)
-            except ValueError as exc:
-                raise OSError(errno.EBUSY, f"host address range taken: {exc}") from None
-            entry = _PhbRegion(region, file)
-            self._space.regions[file.vaddr] = entry
-            self._space.by_buffer[id(region.buffer)] = file
-        entry.refs += 1
-
-    def _space_remove(self, file: ClientFile) -> None:
-        entry = self._space.regions.get(file.vaddr)
-        if entry is None:
-            return
-        entry.refs -= 1
-        if entry.refs <= 0:
-            del self._space.regions[file.vaddr]
-            self._space.by_buffer.pop(id(entry.region.buffer), None)
-            self.phb.memory.remove(file.vaddr)
-            try:
-                entry.region.buffer.release()  # so the file's mmap can close
-            except BufferError:
-                pass  # a view of it is still exported; the mmap goes when that view does
 
     def _drop(self, file: ClientFile) -> None:
         """Undo ``_acquire`` of a fresh file after a failed map (nothing maps it here)."""
@@ -570,76 +676,12 @@ class PeDma:
         self._release_file(file)
 
     def _release_file(self, file: ClientFile) -> None:
-        self._space_remove(file)
-        file.refs -= 1
-        if file.refs <= 0:
-            if self._client_files.get(file.key) is file:
-                del self._client_files[file.key]
-            file.close()
-
-    # -- live map bookkeeping ----------------------------------------------------------------
-
-    def _remove_range(self, start: int, end: int, clear: bool) -> int:
-        """Remove [start, end) from every mapping it touches (splitting partial overlaps) and,
-        with ``clear``, invalidate the TCEs of what was removed. Nothing mapped: one bisect."""
-        maps = self._maps
-        hit: list[Mapping] = []
-        index = maps.bisect_left(start)  # first mapping starting at or after start
-        count = len(maps)
-        if index > 0:
-            m = maps.peekitem(index - 1 if index < count else -1)[1]
-            if m.end > start:
-                hit.append(m)
-        if index < count and maps.peekitem(index)[0] < end:
-            hit.extend(maps[k] for k in maps.irange(start, end, inclusive=(True, False)))
-        if not hit:
-            return 0
-        removed = 0
-        spans: list[list[int]] = []  # merged [lo, hi) ranges whose TCEs must be cleared
-        for m in hit:
-            del maps[m.iova]
-            lo, hi = max(m.iova, start), min(m.end, end)
-            removed += hi - lo
-            if m.iova < lo:
-                maps[m.iova] = Mapping(m.iova, lo - m.iova, m.file, m.offset, m.prot)
-            if hi < m.end:
-                maps[hi] = Mapping(hi, m.end - hi, m.file, m.offset + (hi - m.iova), m.prot)
-            if spans and spans[-1][1] == lo:
-                spans[-1][1] = hi
-            else:
-                spans.append([lo, hi])
-        if clear:
-            for lo, hi in spans:
-                w = self.pe.window_for(lo)
-                if w is not None:  # a mapping always lies inside one window
-                    w.clear_pages(lo, (hi - lo) >> PAGE_SHIFT)
-        return removed
+        self.phb.memory.detach(file.vaddr)
+        self.memory.release(file)
 
     def _check_open(self) -> None:
         if self.closed:
             raise OSError(errno.EBADF, "DMA view closed")
-
-
-def _adopt_leaves(window: spapr.Window, leaves: dict[int, object]) -> None:
-    """Give a re-created window (same start and page size) the old window's table leaves."""
-    table = window.table
-    table.leaves.update(leaves)
-    table.generation += 1
-
-
-def _open_file(fd: int, key: tuple[int, int], size: int, page_size: int) -> ClientFile:
-    writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
-    # HostMemory wants a writable buffer; a read-only file gets a private (copy-on-write)
-    # mapping that nobody writes. Python never reads or writes either mapping.
-    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY
-    mm = mmap.mmap(fd, size, access=access)
-    reg_size = -(-size // page_size) * page_size
-    try:
-        vaddr = _alloc_vaddr(reg_size)
-    except BaseException:
-        mm.close()
-        raise
-    return ClientFile(key, fd, size, reg_size, vaddr, writable, mm)
 
 
 def _close_quietly(fd: int) -> None:

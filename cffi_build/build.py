@@ -1,0 +1,151 @@
+"""cffi builder for vfiod._fast: the C hot paths (sources in this folder, one header each).
+
+``pip install`` builds it through setup.py's ``cffi_modules``; ``python cffi_build/build.py``
+builds it in place for a quick edit-compile loop.
+"""
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ["tce.c", "pe_dma.c", "vfu.c"]
+
+CDEF = """
+struct vfiod_tce_store {
+    void **root;
+    uint64_t nb_entries;
+    uint64_t valid;
+    uint64_t leaves;
+    uint64_t nodes;
+    uint64_t max_leaves;
+};
+
+int vfiod_tce_abi_version(void);
+
+struct vfiod_tce_store *vfiod_store_new(uint64_t nb_entries, uint64_t max_leaves);
+void vfiod_store_free(struct vfiod_tce_store *s);
+void vfiod_store_clear(struct vfiod_tce_store *s);
+int vfiod_store_resize(struct vfiod_tce_store *s, uint64_t nb_entries);
+uint64_t vfiod_store_get(const struct vfiod_tce_store *s, uint64_t idx);
+long vfiod_store_fill(struct vfiod_tce_store *s, uint64_t idx, uint64_t n, uint64_t value);
+long vfiod_store_fill_linear(struct vfiod_tce_store *s, uint64_t idx, uint64_t n,
+                             uint64_t first, uint64_t step);
+long vfiod_store_write(struct vfiod_tce_store *s, uint64_t idx, const uint64_t *src, uint64_t n,
+                       uint64_t or_bits);
+long vfiod_store_write_be(struct vfiod_tce_store *s, uint64_t idx, const char *src, uint64_t n);
+long vfiod_store_next_leaf(const struct vfiod_tce_store *s, uint64_t from_lid, uint64_t *out);
+
+long vfiod_tce_validate_be(const char *src, size_t n, unsigned shift, const uint64_t *rs,
+                           const uint64_t *re, size_t nr, int check_mem);
+long vfiod_tce_validate(const uint64_t *src, size_t n, unsigned shift, const uint64_t *rs,
+                        const uint64_t *re, size_t nr, int check_mem);
+long vfiod_tce_translate(const struct vfiod_tce_store *s, uint64_t bus_offset,
+                         unsigned page_shift, const uint64_t *sg_iova, const uint64_t *sg_len,
+                         size_t nsg, int write, const uint64_t *rs, const uint64_t *re,
+                         size_t nr, uint32_t *out_reg, uint64_t *out_off, uint64_t *out_len,
+                         size_t out_max, uint64_t *fault);
+
+#define VFIOD_DMA_MAX_FILES 64
+#define VFIOD_DMA_WINDOWS 2
+#define VFIOD_DMA_DONE 0
+#define VFIOD_DMA_TOO_HARD 1
+
+struct vfiod_eeh_flags {
+    int32_t mmio_enabled;
+    int32_t dma_enabled;
+    int32_t config_blocked;
+};
+
+struct vfiod_dma_window {
+    uint64_t start;
+    uint64_t size;
+    uint32_t page_shift;
+    struct vfiod_tce_store *store;
+};
+
+struct vfiod_dma_file {
+    uint64_t dev, ino;
+    uint64_t vaddr;
+    uint64_t size;
+    uint32_t writable;
+};
+
+struct vfiod_pe_dma {
+    struct vfiod_dma_window win[2];
+    struct vfiod_dma_file files[64];
+    uint32_t nfiles;
+    uint32_t closed;
+    uint64_t maps_total;
+    uint64_t unmaps_total;
+    const struct vfiod_eeh_flags *eeh;
+};
+
+int vfiod_pe_dma_map(struct vfiod_pe_dma *d, uint64_t iova, uint64_t size, uint64_t offset,
+                     uint32_t prot, int fd);
+int vfiod_pe_dma_unmap(struct vfiod_pe_dma *d, uint64_t iova, uint64_t size);
+
+#define VFU_PUNT 1
+#define VFU_NEED_DATA 2
+#define VFU_EOF 3
+#define VFU_STOPPED 4
+#define VFU_WANT_WRITE 5
+#define VFU_CTRUNC 6
+#define VFU_RANGE_CONFIG 1
+#define VFU_RANGE_RO 2
+#define VFU_RANGE_RAM 3
+#define VFU_MAX_RANGES 16
+#define VFU_RECV_FDS 64
+
+struct vfu_range {
+    uint32_t region;
+    uint32_t kind;
+    uint64_t offset, size;
+    uint8_t *data;
+    const uint8_t *wmask, *w1cmask;
+    const uint8_t *hooked;
+};
+
+struct vfu_session {
+    int sock, wake_fd;
+    uint32_t max_xfer;
+    uint32_t max_msg;
+    uint32_t spin_us;
+    uint32_t batch;
+    struct vfiod_pe_dma *dma;
+    struct vfu_range ranges[16];
+    uint32_t nranges;
+    uint64_t messages;
+    uint64_t streak;
+    uint64_t punts, sleeps;
+    ...;
+};
+
+struct vfu_session *vfu_new(int sock, int wake_fd, uint32_t max_xfer, uint32_t max_msg);
+void vfu_free(struct vfu_session *s);
+int vfu_feed(struct vfu_session *s, const uint8_t *data, uint64_t n, const int *fds,
+             uint32_t nfds);
+long vfu_run(struct vfu_session *s, int block);
+long vfu_flush(struct vfu_session *s);
+uint64_t vfu_buffered(const struct vfu_session *s);
+const uint8_t *vfu_data(const struct vfu_session *s);
+uint32_t vfu_mark_count(const struct vfu_session *s);
+uint64_t vfu_mark_end(const struct vfu_session *s, uint32_t i, int *fds, uint32_t *nfds);
+void vfu_forget(struct vfu_session *s);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "vfiod._fast",
+    '#include "tce.h"\n#include "pe_dma.h"\n#include "vfu.h"\n',
+    # relative to the working directory (setup.py runs from the project root and setuptools
+    # refuses absolute paths there)
+    sources=[os.path.relpath(HERE / name) for name in SOURCES],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
