@@ -138,3 +138,18 @@ def test_boot_commands_never_fail_the_daemon(monkeypatch: pytest.MonkeyPatch) ->
     out = boot.boot_commands([boot.BootTarget("nvme0-vf0", Path("/run/vfiod/nvme0-vf0.sock"),
                                               "flat")])
     assert len(out) == 1 and "Permission denied" in out[0][1]
+
+
+def test_vf_names_resolve_where_vfiod_puts_its_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfiod import config
+    from vfiod.qemu import launcher
+
+    for runtime in ("/run/user/1000", None):
+        if runtime is None:
+            monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        else:
+            monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        for uid in (0, 1000):
+            monkeypatch.setattr("os.geteuid", lambda uid=uid: uid)
+            monkeypatch.setattr("os.getuid", lambda uid=uid: uid)
+            assert launcher.default_socket_dir() == config.default_socket_dir()

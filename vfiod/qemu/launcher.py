@@ -138,6 +138,15 @@ def plan_launch(argv: Sequence[str], sockets: Sequence[Path], qmp_dir: Path,
     return LaunchPlan(out, True, devices, qmp, not user_paused, warnings)
 
 
+def default_socket_dir() -> Path:
+    """vfiod's default socket directory (the rule of vfiod.config.default_socket_dir, repeated:
+    vfiod.qemu is tooling beside the daemon's layers and imports none of them)."""
+    if os.geteuid() == 0:
+        return Path("/run/vfiod")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "vfiod" if runtime else Path(f"/tmp/vfiod-{os.getuid()}")
+
+
 def _check_socket(path: Path) -> None:
     try:
         mode = path.stat().st_mode
@@ -229,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     sockets: list[Path] = list(args.socket)
     if args.vf:
-        from vfiod.config import default_socket_dir
-
         socket_dir = args.socket_dir or default_socket_dir()
         sockets += [socket_dir / f"{name}.sock" for name in args.vf]
     if qemu and not args.dry_run and shutil.which(qemu[0]) is None:
