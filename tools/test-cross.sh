@@ -79,10 +79,22 @@ python3 setup.py -q build --build-base /tmp/build >/tmp/build.log 2>&1 || { cat 
 lib=$(ls -d /tmp/build/lib*)
 ls "$lib"/vfiod/_fast*.so >/dev/null
 echo "test-cross: built in $(( $(date +%s) - t0 )) s: $(cd "$lib" && ls vfiod/_fast*.so)"
+# A venv (Debian'"'"'s packages visible) with the console scripts of pyproject.toml, as an install
+# has them: tests run vfiod, vfiodctl and vfiod-qemu from beside sys.executable.
+python3 -m venv --system-site-packages --without-pip /tmp/venv
+python3 - <<PY
+import tomllib
+scripts = tomllib.load(open("/tmp/src/pyproject.toml", "rb"))["project"]["scripts"]
+for name, target in scripts.items():
+    module, func = target.split(":")
+    with open(f"/tmp/venv/bin/{name}", "w") as f:
+        f.write(f"#!/tmp/venv/bin/python3\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+PY
+chmod +x /tmp/venv/bin/*
 cd /tmp
 export PYTHONPATH=$lib:/tmp/src PYTHONDONTWRITEBYTECODE=1
-python3 -c "import sys, vfiod._fast; print(\"test-cross: byteorder\", sys.byteorder)"
-exec python3 -P -m pytest -p cross_pytest_plugin -p no:cacheprovider -q \
+/tmp/venv/bin/python3 -c "import sys, vfiod._fast; print(\"test-cross: byteorder\", sys.byteorder)"
+exec /tmp/venv/bin/python3 -P -m pytest -p cross_pytest_plugin -p no:cacheprovider -q \
     -c /tmp/src/pyproject.toml --rootdir /tmp/src "$@"
 ' sh "$@"
 EOF
