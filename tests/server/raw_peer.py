@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import struct
+import sys
 
 import trio
 
@@ -108,7 +109,7 @@ async def still_serves(ep: Endpoint) -> None:
             await trio.sleep(0.01)
 
 
-_CODEC = Codec("little")
+_CODEC = Codec(sys.byteorder)  # vfio-user is host-endian
 
 
 def encode(event: Request, msg_id: int, flags: int = REQUEST) -> bytes:
