@@ -69,10 +69,16 @@ bench: venv
 	$(PY) -m bench
 
 # A million hostile messages against a live daemon (make test runs 100,000); the report, with
-# the machine it ran on, goes to bench/results/. FUZZ_MESSAGES and FUZZ_SEED to vary.
+# the machine it ran on, goes to bench/results/. FUZZ_MESSAGES and FUZZ_SEED to vary. Then
+# atheris (coverage-guided, installed here: not a test dependency) on protocol/, ATHERIS_RUNS
+# inputs; its corpus and any crash reproducer stay in build/fuzz/.
 fuzz: venv
 	$(PY) tests/hostile/session_fuzz.py --messages $${FUZZ_MESSAGES:-1000000} \
 		$${FUZZ_SEED:+--seed $$FUZZ_SEED} --json bench/results/fuzz-$$(date -u +%Y%m%dT%H%M%SZ).json
+	$(VENV)/bin/pip install -q atheris
+	mkdir -p build/fuzz/corpus
+	$(PY) tests/hostile/protocol_atheris.py -runs=$${ATHERIS_RUNS:-1000000} \
+		-artifact_prefix=build/fuzz/ build/fuzz/corpus
 
 # x86 TCG guests: a QEMU SIGKILLed mid-I/O 100 times on one NVMe VF while another VF's guest
 # does checked I/O; the daemon's fds, locked memory and RSS must come back to the baseline

@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     print("sPAPR TCE fast path (cffi vs Python twin)...", flush=True)
     results["spapr_tce"] = spapr_bench.run(min_time=0.1 if args.quick else 0.5)
     print("NVMe data path in-process (zero-copy vs copy)...", flush=True)
-    results["nvme_inprocess"] = nvme_bench.run()
+    results["nvme_inprocess"] = nvme_bench.run(min_time=0.1 if args.quick else 0.5)
     if not args.no_guests:
         print("NVMe in real guests (vfiod VF vs QEMU's in-process NVMe; pseries DDW vs "
               "per-TCE)...", flush=True)
         results["nvme_guests"] = guest_bench.run(
             mib=16 if args.quick else 128, small=500 if args.quick else 4000,
-            pseries=not args.no_pseries,
+            pseries=not args.no_pseries, fio_seconds=2 if args.quick else 10,
         )
         if not args.no_pseries:
             print("pseries boot with one vfiod NVMe VF vs without a device...", flush=True)
@@ -86,15 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     if guests:
         print("  guest NVMe MB/s (vfiod VF | QEMU in-process | ratio):")
         x86 = guests["x86_64"]
-        for key, ratio in x86["vfiod_over_inprocess"].items():
+        for key in x86["vfiod_vf"]["mb_per_s"]:
             print(f"    x86_64 {key}: {x86['vfiod_vf']['mb_per_s'][key]} | "
-                  f"{x86['qemu_inprocess_nvme']['mb_per_s'][key]} | {ratio}")
+                  f"{x86['qemu_inprocess_nvme']['mb_per_s'][key]} | "
+                  f"{x86['vfiod_over_inprocess'][key]}")
         if "ppc64le" in guests:
             ppc = guests["ppc64le"]
-            print("  pseries MB/s per DMA path (DDW | 32-bit per-TCE | ratio):")
-            for key, ratio in ppc["ddw_over_per_tce"].items():
+            print("  pseries MB/s (DDW | 32-bit per-TCE | ratio || in-process NVMe | DDW ratio):")
+            for key in ppc["ddw_64bit_window"]["mb_per_s"]:
                 print(f"    {key}: {ppc['ddw_64bit_window']['mb_per_s'][key]} | "
-                      f"{ppc['tce32_per_tce']['mb_per_s'][key]} | {ratio}")
+                      f"{ppc['tce32_per_tce']['mb_per_s'][key]} | {ppc['ddw_over_per_tce'][key]}"
+                      f" || {ppc['qemu_inprocess_nvme']['mb_per_s'][key]} | "
+                      f"{ppc['ddw_over_inprocess'][key]}")
+        for line in guest_bench.fio_lines(guests):
+            print(line)
+    two = results["nvme_inprocess"]["two_vfs"]
+    print("  in-process, two VFs at once over one VF (two threads | one thread): " + ", ".join(
+        f"{k} {two[k]['two_vfs_two_threads']['over_one_vf']:.2f}x | "
+        f"{two[k]['two_vfs_one_thread']['over_one_vf']:.2f}x" for k in ("read_4k", "read_1m")))
     return 0
 
 

@@ -9,7 +9,15 @@ each figure covers the whole command: SQ fetch, PRP walk, translation, data move
 
 Read and Write of 4 KiB and 1 MiB, ``QD`` commands per doorbell. 1 MiB commands use a PRP list
 over every other guest page, so no two pages are adjacent: 256 iovecs per command, the worst
-case for a guest whose pages are scattered. ``run()`` returns a dict of figures.
+case for a guest whose pages are scattered. The copy path goes through the data mover's bounce
+file instead (see vfiod/devices/nvme/mover.py).
+
+Two VFs at once (issue 9 wants >= 1.6x one VF's aggregate on two cores): each VF has its own
+controller, PE, guest memory and backing file; one driver thread per VF (as two QEMU processes
+would drive them), and, for comparison, one thread ringing both in turn (the daemon today: one
+event loop serves every session, so doorbells run one after another). The figures say what
+the current synchronous, GIL-bound data path allows, with the process CPU time per wall second.
+``run()`` returns a dict of figures.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -36,8 +45,8 @@ IO_WRITE, IO_READ = 0x01, 0x02
 class _Driver:
     """Guest side: queues and data buffers in a memfd, one I/O queue pair."""
 
-    def __init__(self, workdir: str) -> None:
-        self.ctrl = NvmeController(os.path.join(workdir, "disk.img"), DISK_BYTES, io_queues=1)
+    def __init__(self, workdir: str, name: str = "disk") -> None:
+        self.ctrl = NvmeController(os.path.join(workdir, f"{name}.img"), DISK_BYTES, io_queues=1)
         self.memfd = os.memfd_create("nvme-bench-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, GUEST_BYTES)
         self.phb = spapr.Phb(index=0)
@@ -89,9 +98,13 @@ class _Driver:
         self.wr(0x1000 + 8 * qid + 4, q[4])
 
     def close(self) -> None:
+        """Idempotent."""
+        if self.memfd < 0:
+            return
         self.dma.close()
         self.ctrl.close()
         os.close(self.memfd)
+        self.memfd = -1
 
 
 def _commands(d: _Driver, size: int, write: bool) -> list[bytes]:
@@ -132,15 +145,79 @@ def _measure(d: _Driver, cmds: list[bytes], size: int, min_time: float) -> dict[
     }
 
 
+def _warm(d: _Driver) -> None:
+    """Warm the page cache: write the whole LBA range the benchmark touches."""
+    chunk = os.urandom(1 << 20)
+    for off in range(0, QD << 20, 1 << 20):
+        os.pwrite(d.ctrl.store.fd, chunk, off)
+    os.pwrite(d.memfd, os.urandom(GUEST_BYTES // 4), 0x200000)
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _drive(drivers: list[_Driver], cmds: list[list[bytes]], min_time: float,
+           threads: bool) -> tuple[int, float, float]:  # fmt: skip
+    """Commands completed, wall seconds and process CPU seconds, every driver submitting
+    ``cmds[i]`` batches for ``min_time``: each in its own thread, or in turn on this one."""
+    for d, c in zip(drivers, cmds, strict=True):
+        d.submit(1, c)  # warm up
+    done = [0] * len(drivers)
+    cpu0, t0 = _cpu(), time.perf_counter()
+    if threads:
+        def loop(i: int) -> None:
+            while time.perf_counter() - t0 < min_time:
+                drivers[i].submit(1, cmds[i])
+                done[i] += len(cmds[i])
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(drivers))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    else:
+        while time.perf_counter() - t0 < min_time:
+            for i, d in enumerate(drivers):
+                d.submit(1, cmds[i])
+                done[i] += len(cmds[i])
+    return sum(done), time.perf_counter() - t0, _cpu() - cpu0
+
+
+def _two_vfs(workdir: str, min_time: float) -> dict[str, Any]:
+    """One VF alone vs two VFs at once (see the module docstring)."""
+    vfs = [_Driver(workdir, f"vf{i}") for i in range(2)]
+    try:
+        for d in vfs:
+            _warm(d)
+        out: dict[str, Any] = {}
+        for label, size in (("read_4k", PAGE), ("read_1m", 1 << 20)):
+            cmds = [_commands(d, size, False) for d in vfs]
+            entry: dict[str, Any] = {}
+            for mode, drivers, threads in (("one_vf", vfs[:1], False),
+                                           ("two_vfs_two_threads", vfs, True),
+                                           ("two_vfs_one_thread", vfs, False)):  # fmt: skip
+                n, wall, cpu = _drive(drivers, cmds[: len(drivers)], min_time, threads)
+                entry[mode] = {"MB_per_s": n * size / wall / 1e6,
+                               "commands_per_s": n / wall,
+                               "cpu_per_wall_s": cpu / wall}  # fmt: skip
+            one = entry["one_vf"]["MB_per_s"]
+            for mode in ("two_vfs_two_threads", "two_vfs_one_thread"):
+                entry[mode]["over_one_vf"] = entry[mode]["MB_per_s"] / one
+            out[label] = entry
+        out["target"] = "two VFs >= 1.6x one VF's aggregate on a 2-core machine (issue 9)"
+        return out
+    finally:
+        for d in vfs:
+            d.close()
+
+
 def run(min_time: float = 0.5) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="vfiod-nvme-bench-", dir="/tmp")
     d = _Driver(workdir)
     try:
-        # Warm the page cache: write the whole LBA range the benchmark touches.
-        chunk = os.urandom(1 << 20)
-        for off in range(0, QD << 20, 1 << 20):
-            os.pwrite(d.ctrl.store.fd, chunk, off)
-        os.pwrite(d.memfd, os.urandom(GUEST_BYTES // 4), 0x200000)
+        _warm(d)
         results: dict[str, Any] = {"qd": QD, "cffi": spapr.default_impl().name}
         for label, size in (("4k", PAGE), ("1m", 1 << 20)):
             for write in (False, True):
@@ -154,6 +231,8 @@ def run(min_time: float = 0.5) -> dict[str, Any]:
                     entry["zero_copy"]["commands_per_s"] / entry["copy"]["commands_per_s"]
                 )
                 results[key] = entry
+        d.close()
+        results["two_vfs"] = _two_vfs(workdir, min_time)
         return results
     finally:
         d.close()
@@ -162,7 +241,7 @@ def run(min_time: float = 0.5) -> dict[str, Any]:
 
 def _print(results: dict[str, Any]) -> None:
     for key, entry in results.items():
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or "copy" not in entry:
             continue
         c, z = entry["copy"], entry["zero_copy"]
         print(
@@ -170,7 +249,18 @@ def _print(results: dict[str, Any]) -> None:
             f"zero-copy {z['commands_per_s']:9,.0f} cmd/s {z['MB_per_s']:8,.0f} MB/s "
             f"({entry['speedup']:.2f}x)"
         )
+    for label, entry in results.get("two_vfs", {}).items():
+        if not isinstance(entry, dict):
+            continue
+        one, two, loop = (entry[m] for m in ("one_vf", "two_vfs_two_threads",
+                                             "two_vfs_one_thread"))  # fmt: skip
+        print(f"  {label:9s} one VF {one['MB_per_s']:8,.0f} MB/s | two VFs, two threads "
+              f"{two['MB_per_s']:8,.0f} MB/s ({two['over_one_vf']:.2f}x, "
+              f"{two['cpu_per_wall_s']:.2f} CPU) | two VFs, one thread "
+              f"{loop['MB_per_s']:8,.0f} MB/s ({loop['over_one_vf']:.2f}x)")
 
 
 if __name__ == "__main__":
-    _print(run())
+    import sys
+
+    _print(run(min_time=0.1 if "--quick" in sys.argv else 0.5))

@@ -4,7 +4,9 @@
 # For each arch in GUEST_ARCHES (default "x86_64"; "ppc64le" is the other one supported):
 #   $VFIOD_CACHE/guest/<arch>/vmlinuz (x86_64) or vmlinux (ppc64le)   the kernel
 #   $VFIOD_CACHE/guest/<arch>/initrd.img     gzip'ed newc cpio: busybox-static, /init
-#                                            (tools/guest-init.sh), modules GUEST_MODULES + deps
+#                                            (tools/guest-init.sh), modules GUEST_MODULES + deps;
+#                                            then a second one (tools/mkprograms.py):
+#                                            GUEST_PROGRAMS (/usr/bin/fio) with their libraries
 #   $VFIOD_CACHE/guest/<arch>/modules        the modules in the initramfs, in load order
 #   $VFIOD_CACHE/guest/<arch>/kernel-release
 #   $VFIOD_CACHE/guest/<arch>/stamp          recipe hash + package versions
@@ -14,8 +16,14 @@
 # $VFIOD_CACHE/apt/<debarch>/ (trixie, same mirror and components as the host's sources, signed by
 # the host's Debian archive keyring), fetched with `apt-get download` and unpacked with dpkg-deb -x.
 #
-# Environment: GUEST_ARCHES, GUEST_MODULES (default "nvme"), VFIOD_GUEST_REFRESH=1 (re-download
-# and rebuild), VFIOD_GUEST_SUITE (default trixie), RETRIES.
+# Programs: the Debian packages in GUEST_PROGRAMS (default "fio", for the benchmarks) and the
+# packages their Depends resolve to (apt-get -s on the private, empty dpkg status; Depends that
+# are not libraries the program loads, such as python3 for fio's helper scripts, are left out)
+# are unpacked together; mkprograms.py takes /usr/bin/<program>, its ELF interpreter and the
+# shared libraries it loads (DT_NEEDED, recursively), nothing else.
+#
+# Environment: GUEST_ARCHES, GUEST_MODULES (default "nvme"), GUEST_PROGRAMS (default "fio"),
+# VFIOD_GUEST_REFRESH=1 (re-download and rebuild), VFIOD_GUEST_SUITE (default trixie), RETRIES.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +32,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 GUEST_ARCHES=${GUEST_ARCHES:-x86_64}
 GUEST_MODULES=${GUEST_MODULES:-nvme}
+GUEST_PROGRAMS=${GUEST_PROGRAMS-fio}
+#: Depends of a program package that are not libraries it loads
+PROGRAM_DEPENDS_SKIP='python3|init-system-helpers'
 SUITE=${VFIOD_GUEST_SUITE:-trixie}
 PYTHON=${PYTHON:-python3}
 FORMAT=1
@@ -33,8 +44,10 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
 
 recipe_hash() {  # ARCH
     {
-        printf 'format=%s arch=%s suite=%s modules=%s\n' "$FORMAT" "$1" "$SUITE" "$GUEST_MODULES"
-        cat "$here/build-guest-images.sh" "$here/mkinitramfs.py" "$here/guest-init.sh" \
+        printf 'format=%s arch=%s suite=%s modules=%s programs=%s\n' "$FORMAT" "$1" "$SUITE" \
+            "$GUEST_MODULES" "$GUEST_PROGRAMS"
+        cat "$here/build-guest-images.sh" "$here/mkinitramfs.py" "$here/mkprograms.py" \
+            "$here/guest-init.sh" \
             "$here/../vfiod/qemu/cpio.py"
     } | sha256sum | cut -d' ' -f1
 }
@@ -91,6 +104,31 @@ download() {  # PKG VERSION DEBARCH -> prints the .deb path (no retry here: see 
     printf '%s\n' "$f"
 }
 
+# The .debs of GUEST_PROGRAMS and of the library packages their Depends resolve to. Sets PDEBS
+# (.deb paths) and PVERS ("pkg=version ..." of the programs themselves, for the stamp).
+fetch_program_debs() {  # DEBARCH
+    local debarch=$1 prog ver deps pkg pver parch f
+    PDEBS=() PVERS=""
+    for prog in $GUEST_PROGRAMS; do
+        ver=$(pkg_version "$prog")
+        [[ -n $ver ]] || { log "no candidate for $prog in $SUITE ($debarch)"; return 1; }
+        PVERS+="${PVERS:+ }$prog=$ver"
+        f=$(download "$prog" "$ver" "$debarch") || return 1
+        PDEBS+=("$f")
+        deps=$(apt-cache show --no-all-versions "$prog" | sed -n 's/^Depends: //p' | tr ',' '\n' \
+            | sed 's/|.*//; s/(.*)//; s/ //g' | grep -vxE "$PROGRAM_DEPENDS_SKIP" | grep . || true)
+        [[ -n $deps ]] || continue
+        # Resolve against the private dpkg status, which is empty: every package they need.
+        # shellcheck disable=SC2086
+        # (fd 3: apt-get download inside the loop must not eat the list from stdin)
+        while read -r pkg pver parch <&3; do
+            f=$(download "$pkg" "$pver" "$parch" </dev/null) || return 1  # parch: arch or "all"
+            PDEBS+=("$f")
+        done 3< <(apt-get -s -q --no-install-recommends install $deps \
+                    | sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) [^[]*\[\([^]]*\)\]).*/\1 \2 \3/p')
+    done
+}
+
 # One attempt at index + resolution + downloads; retried as a whole, because a mirror caught
 # mid-sync can serve an index whose files are not in the pool yet (seen for ppc64el).
 # Sets KPKG KVER_PKG BVER KDEB BDEB.
@@ -139,17 +177,34 @@ build_arch() {  # ARCH
     fi
     local t0=$SECONDS
     setup_apt "$debarch"
-    KPKG="" KVER_PKG="" BVER="" KDEB="" BDEB=""
+    KPKG="" KVER_PKG="" BVER="" KDEB="" BDEB="" PDEBS=() PVERS=""
     retry fetch_debs "$kmeta" "$debarch" \
         || die "$arch: could not fetch $kmeta + busybox-static from $SUITE ($debarch) after ${RETRIES:-5} attempts (mirror mid-sync? try again later)"
     local kpkg=$KPKG kver_pkg=$KVER_PKG bver=$BVER kdeb=$KDEB bdeb=$BDEB
+    # Programs only serve the benchmarks: an image without them beats no image. (A mirror can
+    # list point-release versions its pool does not hold yet; seen for ppc64el libc6.)
+    if [[ -n $GUEST_PROGRAMS ]] && ! RETRIES=2 retry fetch_program_debs "$debarch"; then
+        log "WARNING: $arch: $GUEST_PROGRAMS or a library it needs is not downloadable from" \
+            "$SUITE ($debarch); building the image without it (the benchmarks say so)." \
+            "VFIOD_GUEST_REFRESH=1 tries again."
+        PDEBS=() PVERS=""
+    fi
+    local pvers=$PVERS
+    local -a pdebs=("${PDEBS[@]}")
 
     local tmp=$out.tmp
     rm -rf "$tmp"
-    mkdir -p "$tmp/kernel" "$tmp/busybox" "$tmp/out"
-    log "$arch: unpacking $kpkg $kver_pkg and busybox-static $bver"
+    mkdir -p "$tmp/kernel" "$tmp/busybox" "$tmp/programs" "$tmp/out"
+    log "$arch: unpacking $kpkg $kver_pkg, busybox-static $bver${pvers:+, $pvers (${#pdebs[@]} packages)}"
     dpkg-deb -x "$kdeb" "$tmp/kernel"
     dpkg-deb -x "$bdeb" "$tmp/busybox"
+    local deb binaries=""
+    for deb in "${pdebs[@]}"; do
+        dpkg-deb -x "$deb" "$tmp/programs"
+    done
+    for prog in $pvers; do
+        binaries+="${binaries:+ }usr/bin/${prog%%=*}"
+    done
 
     local kimg kver busybox
     kimg=$(find "$tmp/kernel/boot" -maxdepth 1 -name "$kfile-*" -type f | head -n1)
@@ -163,12 +218,21 @@ build_arch() {  # ARCH
     "$PYTHON" "$here/mkinitramfs.py" --kernel-root "$tmp/kernel" --kver "$kver" \
         --busybox "$busybox" --init "$here/guest-init.sh" --modules "$GUEST_MODULES" \
         --out "$tmp/out/initrd.img" --modules-list "$tmp/out/modules"
+    if [[ -n $binaries ]]; then  # a second archive; the kernel unpacks them in turn
+        "$PYTHON" "$here/mkprograms.py" --package-root "$tmp/programs" --binaries "$binaries" \
+            --out "$tmp/programs.cpio.gz"
+        local size
+        size=$(stat -c %s "$tmp/out/initrd.img")  # archives start on a 4-byte boundary
+        head -c $(( (4 - size % 4) % 4 )) /dev/zero >>"$tmp/out/initrd.img"
+        cat "$tmp/programs.cpio.gz" >>"$tmp/out/initrd.img"
+    fi
     cat >"$tmp/out/stamp" <<EOF
 recipe=$recipe
 arch=$arch
 kernel=$kpkg $kver_pkg
 busybox=busybox-static $bver
 modules=$GUEST_MODULES
+programs=$pvers
 EOF
     rm -rf "$out"
     mv "$tmp/out" "$out"

@@ -113,6 +113,8 @@ class FunctionConfig:
     #: nvme PF: where VF n keeps its namespace ("{n}" is the VF number); default: next to the
     #: PF's namespace as <stem>-vf<n><suffix>
     vf_backing: str | None = None
+    #: nvme: advertise shadow doorbells (Doorbell Buffer Config); a PF's VFs inherit it
+    shadow_doorbells: bool = True
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ def parse(text: str, source: str, *, state_dir: Path | None = None) -> Config:
 
 
 FUNCTION_KEYS = frozenset({"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
-                           "vf_access", "vf_backing"})
+                           "vf_access", "vf_backing", "shadow_doorbells"})
 
 
 def _parse_function(raw: dict[str, Any], where: str, phb_indexes: set[int], state_dir: Path,
@@ -308,6 +310,12 @@ def _parse_function(raw: dict[str, Any], where: str, phb_indexes: set[int], stat
                             f"got {vf_backing!r}")
         else:
             vf_backing = str(state_dir / vf_backing)
+    shadow_doorbells = raw.get("shadow_doorbells", True)
+    if not isinstance(shadow_doorbells, bool) or (
+        personality != "nvme" and "shadow_doorbells" in raw
+    ):
+        problems.append(f"{where}.shadow_doorbells: true or false (nvme functions only), "
+                        f"got {shadow_doorbells!r}")
     access = _parse_access(raw, where, problems)
     vf_access: list[SocketAccess] = []
     raw_vf_access = raw.get("vf_access", [])
@@ -325,7 +333,8 @@ def _parse_function(raw: dict[str, Any], where: str, phb_indexes: set[int], stat
     assert isinstance(name, str)
     return FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
                           size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
-                          vf_access=tuple(vf_access), vf_backing=vf_backing)
+                          vf_access=tuple(vf_access), vf_backing=vf_backing,
+                          shadow_doorbells=shadow_doorbells)
 
 
 ACCESS_KEYS = frozenset({"socket_mode", "socket_owner", "socket_group", "allowed_uids"})

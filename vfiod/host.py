@@ -59,7 +59,7 @@ def make_function(fc: FunctionConfig) -> PciFunction:
         if not fc.backing.exists():
             fc.backing.parent.mkdir(parents=True, exist_ok=True)  # a new sparse namespace
         try:
-            return NvmeController(fc.backing, fc.size)
+            return NvmeController(fc.backing, fc.size, shadow_doorbells=fc.shadow_doorbells)
         except OSError as exc:
             raise OSError(exc.errno, f"function {fc.name}: namespace {fc.backing}: "
                                      f"{exc.strerror}") from None

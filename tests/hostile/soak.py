@@ -97,7 +97,7 @@ class Guest:
 async def run_qemu(work: Path, socket: Path, script: str, kill_after: float | None,
                    timeout: float, on_start: Any = None) -> Guest:
     """One x86 q35 TCG guest on ``socket``; with ``kill_after``, SIGKILL it that many seconds
-    after its I/O started."""
+    after its I/O started (or at ``timeout`` if it never gets there)."""
     img = guest_image("x86_64")
     initrd = work / f"initrd-{random.getrandbits(32):08x}.img"
     base = img.initrd.read_bytes()
@@ -129,8 +129,9 @@ async def run_qemu(work: Path, socket: Path, script: str, kill_after: float | No
             nursery.start_soon(pump, proc.stderr, err, False)
             with trio.move_on_after(timeout):
                 if kill_after is not None:
-                    await io_running.wait()
-                    await trio.sleep(kill_after)
+                    with trio.move_on_after(timeout - 1):
+                        await io_running.wait()
+                        await trio.sleep(kill_after)
                     proc.send_signal(signal.SIGKILL)
                     killed = True
                 await proc.wait()
@@ -199,8 +200,18 @@ def _state(daemon: DaemonProc) -> dict[str, int]:
 
 
 async def soak(work: Path, kills: int, bystander_seconds: int = 120,
-               rss_slack: int = 16 << 20, progress: Any = None) -> SoakReport:
+               rss_slack: int = 16 << 20, progress: Any = None,
+               artifacts: Path | None = None) -> SoakReport:
+    """``artifacts``: where to keep the console of a guest that went wrong and the daemon log."""
     say = progress or (lambda s: None)
+
+    def keep(name: str, text: str) -> str:
+        if artifacts is None:
+            return text[-1500:]
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / name).write_text(text)
+        return f"see {artifacts / name}"
+
     backing = work / "pf.img"
     daemon = DaemonProc(work, {"nvme0": {"personality": "nvme", "backing": str(backing),
                                          "size": NS_SIZE, "totalvfs": 2, "numvfs": 2}})
@@ -231,8 +242,8 @@ async def soak(work: Path, kills: int, bystander_seconds: int = 120,
                 runs.append(run)
                 if g.markers.get("rounds") is None or g.markers.get("bad") != "0" or \
                         "error" in g.markers or g.returncode != 0:
-                    problems.append(f"bystander run {len(runs)}: {run}: "
-                                    f"{g.console[-1500:]} {g.stderr[-500:]}")
+                    where = keep(f"bystander-{len(runs)}.txt", g.console + "\n" + g.stderr)
+                    problems.append(f"bystander run {len(runs)}: {run}: {where}")
                     victims_done.set()
                     return
                 # the namespace file holds exactly what the guest last wrote to each slot
@@ -252,15 +263,20 @@ async def soak(work: Path, kills: int, bystander_seconds: int = 120,
             rng = random.Random(kills)
             try:
                 for k in range(kills):
-                    if problems:
+                    if any(not p.startswith("kill ") or "reached its I/O" not in p
+                           for p in problems):
                         return
                     delay = rng.uniform(0.05, 2.0)
-                    g = await run_qemu(work, victim_sock, VICTIM_SCRIPT, delay, timeout=300)
+                    g = await run_qemu(work, victim_sock, VICTIM_SCRIPT, delay, timeout=150)
                     t_kill = time.monotonic()  # run_qemu returns once QEMU is reaped
-                    if not g.killed or g.io_started_s is None:
-                        problems.append(f"kill {k}: the guest never ran I/O: "
-                                        f"{g.console[-1500:]} {g.stderr[-500:]}")
+                    if not g.killed:
+                        where = keep(f"victim-{k}.txt", g.console + "\n" + g.stderr)
+                        problems.append(f"kill {k}: the guest ended by itself: {where}")
                         return
+                    if g.io_started_s is None:
+                        # killed all the same (at the timeout): the release is still checked
+                        where = keep(f"victim-{k}.txt", g.console + "\n" + g.stderr)
+                        problems.append(f"kill {k}: the guest never reached its I/O: {where}")
                     # the daemon lets go of the dead QEMU: session, account, fds
                     with trio.move_on_after(30) as waited:
                         while True:
@@ -274,7 +290,8 @@ async def soak(work: Path, kills: int, bystander_seconds: int = 120,
                         problems.append(f"kill {k}: the daemon still holds the dead QEMU")
                         return
                     samples.append(Sample(
-                        kill=k, io_started_s=round(g.io_started_s, 2),
+                        kill=k, io_started_s=None if g.io_started_s is None else round(
+                            g.io_started_s, 2),
                         killed_after_s=round(delay, 2),
                         released_s=round(time.monotonic() - t_kill, 3),
                         fds=daemon.fds(), rss=daemon.rss(),
@@ -283,7 +300,7 @@ async def soak(work: Path, kills: int, bystander_seconds: int = 120,
                     if not daemon.alive():
                         problems.append(f"kill {k}: the daemon died: {daemon.log()[-2000:]}")
                         return
-                    say(f"kill {k + 1}/{kills}: io after {g.io_started_s:.1f} s, killed "
+                    say(f"kill {k + 1}/{kills}: io after {samples[-1].io_started_s} s, killed "
                         f"{delay:.2f} s into it; daemon fds {samples[-1].fds}, "
                         f"RSS {samples[-1].rss >> 20} MiB, released in "
                         f"{samples[-1].released_s:.2f} s")
@@ -316,6 +333,8 @@ async def soak(work: Path, kills: int, bystander_seconds: int = 120,
                    or "Traceback" in line]
         if crashes:
             problems.append(f"session failures in the log: {crashes[:5]}")
+        if problems:
+            keep("vfiod.log", log)
         if len(samples) != kills and not problems:
             problems.append(f"only {len(samples)} of {kills} kills done")
         return SoakReport(kills=len(samples), wall_s=time.monotonic() - t_start,
@@ -333,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bystander-seconds", type=int, default=120,
                    help="length of each bystander guest's I/O run (guests follow each other)")
     p.add_argument("--json", type=Path, help="write the report (with machine info) here")
+    p.add_argument("--artifacts", type=Path, default=Path("build/soak"),
+                   help="consoles of guests that went wrong, and the daemon log, go here")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vfiod-soak-") as tmp:
         report = trio.run(soak, Path(tmp), a.kills, a.bystander_seconds, 16 << 20,
-                          lambda s: print(s, file=sys.stderr, flush=True))
+                          lambda s: print(s, file=sys.stderr, flush=True), a.artifacts)
     summary = report.summary()
     if a.json is not None:
         from bench.machine import machine_info

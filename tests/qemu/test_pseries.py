@@ -10,12 +10,14 @@ machine paused and adds the device over QMP in prelaunch (lab.md). The daemon's 
   DMA_MAP (and one DMA_UNMAP when freed).
 
 In both, the guest writes a pattern with O_DIRECT, reads it back, and the namespace's backing
-file must hold exactly the pattern. Most DMA_MAP/DMA_UNMAPs never reach Python (the session's C
-fast path does them on the PE's tables), so the test looks at what they did: the session's DMA
-view is snapshotted when the guest goes (its windows, every valid TCE, its counters), to check
-where the guest's mappings landed. The summary line (pytest -s) has the counts, including the
-boot-time clear of the guest's default window (262,144 4 KiB DMA_UNMAPs of never-mapped ranges,
-answered with success).
+file must hold exactly the pattern; the DDW run goes once with shadow doorbells (whose buffers
+and EventIdx the controller reaches through the TCE windows like any DMA) and once without.
+Most DMA_MAP/DMA_UNMAPs never reach Python (the session's C fast path does them on the PE's
+tables), so the test looks at what they did: the session's DMA view is snapshotted when the
+guest goes (its windows, every valid TCE, its counters), to check where the guest's mappings
+landed. The summary line (pytest -s) has the counts, including the boot-time clear of the
+guest's default window (262,144 4 KiB DMA_UNMAPs of never-mapped ranges, answered with
+success).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_nvme_guests import check_doorbells
 
 from vfiod import config
 from vfiod.daemon import Daemon
+from vfiod.devices.nvme import NvmeController
 from vfiod.qemu import GuestResult, QemuNotProvisioned, guest_image, qemu_binary, run_guest
 from vfiod.server.session import Session
 from vfiod.spapr import PeDma
@@ -57,6 +61,7 @@ dd if=$dev of=/back bs=1M count=4 iflag=direct 2>/dev/null || echo "@@VFIOD erro
 t2=$(cs)
 echo "@@VFIOD write_cs=$((t1 - t0)) read_cs=$((t2 - t1))"
 echo "@@VFIOD wrote=$(md5sum < /pattern | cut -d' ' -f1) read=$(md5sum < /back | cut -d' ' -f1)"
+echo "@@VFIOD msi=$(grep nvme /proc/interrupts | grep -c MSI)"
 """
 
 
@@ -110,23 +115,25 @@ class DmaRecorder:
                 f"messages by the fast path); 64-bit window {win} with {len(self.tces64)} TCEs")
 
 
-def power8_config(tmp_path: Path) -> config.Config:
+def power8_config(tmp_path: Path, shadow: bool = True) -> config.Config:
     text = (
         '[[phb]]\nindex = 0\nwindow_policy = "power8"\n'
         f'[[function]]\nname = "nvme0"\npersonality = "nvme"\n'
         f'backing = "{tmp_path / "nvme0.img"}"\nsize = "{NS_SIZE}"\n'
+        f"shadow_doorbells = {str(shadow).lower()}\n"
     )
     parsed = config.parse(text, "test")
     return config.Config(tmp_path, parsed.functions, phbs=parsed.phbs)
 
 
 async def run_pseries(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_args: list[str], label: str
-) -> tuple[GuestResult, DmaRecorder]:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_args: list[str], label: str,
+    shadow: bool = True,
+) -> tuple[GuestResult, DmaRecorder]:  # fmt: skip
     """Boot the pseries guest on one nvme function, check the data end to end."""
     rec = DmaRecorder()
     rec.install(monkeypatch)
-    daemon = Daemon(power8_config(tmp_path))
+    daemon = Daemon(power8_config(tmp_path, shadow))
     ep = daemon.endpoints[0]
     real_run = Session.run
 
@@ -155,21 +162,27 @@ async def run_pseries(
     assert "error" not in res.markers, res.tail()
     digest = hashlib.md5(pattern).hexdigest()
     assert res.markers["wrote"] == digest and res.markers["read"] == digest, res.tail()
+    assert int(res.markers["msi"]) >= 1, "the nvme driver is not on MSI (pSeries-PCI-MSI)"
     data = (tmp_path / "nvme0.img").read_bytes()
     assert len(data) == NS_SIZE
     assert data[:PATTERN_BYTES] == pattern, "backing file differs from the guest's pattern"
     assert data[PATTERN_BYTES:].count(0) == NS_SIZE - PATTERN_BYTES, "stray writes"
     assert ep.sessions_total == 1 and ep.errors_total == 0, res.tail()
+    function = daemon.host.slots[0].function
+    assert isinstance(function, NvmeController)
+    check_doorbells(function, shadow)
     assert not daemon.host.clients  # the client's locked memory was released
     assert rec.policies == {"power8"}
     return res, rec
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("shadow", [True, False], ids=["shadow-doorbells", "mmio-doorbells"])
 async def test_pseries_ddw_maps_all_ram_in_the_64bit_window(
-    provisioned: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    provisioned: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shadow: bool
 ) -> None:
-    res, rec = await run_pseries(tmp_path, monkeypatch, [], "DDW")
+    label = f"DDW, shadow doorbells {'on' if shadow else 'off'}"
+    res, rec = await run_pseries(tmp_path, monkeypatch, [], label, shadow)
     # The guest created a DDW: our 64-bit window at 2^59 exists and holds all of guest RAM,
     # direct-mapped (bus address 2^59 + x is guest physical x = memfd offset x): every 4 KiB
     # entry of the first MEMORY_MB points at the same offset of guest RAM's memfd, R|W.

@@ -11,6 +11,10 @@ BARs
   sparse area covering all of it): the device "buffer".
 * BAR4: 4 KiB 32-bit MMIO: MSI-X table at 0x000 (8 vectors), PBA at 0x800. Not mmapped.
 
+Interrupts: MSI-X by default (the unit tests' MSI-X subject). ``TestDevice(msix=False)`` offers
+an MSI cap with 8 vectors instead and has no BAR4: the variant QEMU 11.1 can hot-unplug (an
+MSI-X function aborts it on ``device_del``, see docs/qemu-quirks.md).
+
 BAR0 register map (little endian; 1/2/4/8-byte accesses, partial writes act on their bytes)
 
 ====== ================ ===== ==============================================================
@@ -19,11 +23,11 @@ offset name             type  meaning
 0x00   ID               RO    0x76666474 ("tdfv" in memory): identifies the test device
 0x04   VERSION          RO    0x00010000 (major 1, minor 0)
 0x08   SCRATCH          RW    no side effect
-0x0C   DOORBELL         WO    write n: raise MSI-X vector n if MSI-X is enabled (n beyond the
-                              table is ignored); otherwise set ISR.DOORBELL (INTx)
+0x0C   DOORBELL         WO    write n: raise vector n if MSI-X or MSI is enabled (n beyond the
+                              vectors is ignored); otherwise set ISR.DOORBELL (INTx)
 0x10   ISR              W1C   bit0 DOORBELL, bit1 DMA; INTx is asserted while ISR != 0 and
-                              MSI-X is disabled
-0x14   DMA_VECTOR       RW    MSI-X vector raised when a DMA command completes
+                              neither MSI-X nor MSI is enabled
+0x14   DMA_VECTOR       RW    vector raised when a DMA command completes
 0x18   DOORBELL_COUNT   RO    doorbell writes since reset
 0x20   DMA_SRC          RW    u64 source (IOVA, or buffer offset for CMD 2)
 0x28   DMA_DST          RW    u64 destination (IOVA, or buffer offset for CMD 1)
@@ -160,7 +164,13 @@ class TestDevice(PciFunction):
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, vendor_id: int = TEST_VENDOR_ID, device_id: int = TEST_DEVICE_ID) -> None:
+    def __init__(
+        self,
+        *,
+        vendor_id: int = TEST_VENDOR_ID,
+        device_id: int = TEST_DEVICE_ID,
+        msix: bool = True,
+    ) -> None:
         super().__init__(vendor_id=vendor_id, device_id=device_id, class_code=TEST_CLASS_CODE)
         self.registers = TestDevRegisters(self)
         regs = Region(REGS_SIZE)
@@ -168,8 +178,11 @@ class TestDevice(PciFunction):
         self.add_bar(REGS_BAR, regs, BarSpec(REGS_SIZE, BarKind.MEM32))
         self.buffer = MemoryRegion(BUFFER_SIZE, "vfiod-testdev-buffer")
         self.add_bar(BUFFER_BAR, self.buffer, BarSpec(BUFFER_SIZE, BarKind.MEM64, True))
-        self.add_bar(MSIX_BAR, Region(MSIX_BAR_SIZE), BarSpec(MSIX_BAR_SIZE, BarKind.MEM32))
-        self.add_msix(MSIX_VECTORS, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR, MSIX_PBA_OFFSET)
+        if msix:
+            self.add_bar(MSIX_BAR, Region(MSIX_BAR_SIZE), BarSpec(MSIX_BAR_SIZE, BarKind.MEM32))
+            self.add_msix(MSIX_VECTORS, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR, MSIX_PBA_OFFSET)
+        else:
+            self.add_msi(MSIX_VECTORS)
         self.seal()
 
     def fast_ranges(self) -> list[FastRange]:
@@ -183,17 +196,17 @@ class TestDevice(PciFunction):
         self.registers.reset()
 
     def update_intx(self) -> None:
-        """INTx level follows ISR while MSI-X is off."""
-        if self.registers.isr and not self.irq.msix_enabled:
+        """INTx level follows ISR while MSI-X and MSI are off."""
+        if self.registers.isr and not self.irq.msg_enabled:
             self.irq.assert_intx()
         else:
             self.irq.deassert_intx()
 
     def _interrupt(self, isr_bit: int, vector: int) -> None:
         self.registers.isr |= isr_bit
-        if self.irq.msix_enabled:
-            if 0 <= vector < MSIX_VECTORS:
-                self.irq.fire_msix(vector)
+        if self.irq.msg_enabled:
+            if 0 <= vector < self.vectors:
+                self.irq.fire_vector(vector)
         else:
             self.update_intx()
 

@@ -3,7 +3,7 @@
 The session layer talks to :class:`PciFunction`; device personalities live in ``vfiod.devices``.
 """
 
-from vfiod.pci.caps import MsixCap, PcieCap, PmCap, SriovCap
+from vfiod.pci.caps import MsiCap, MsixCap, PcieCap, PmCap, SriovCap
 from vfiod.pci.config import BarKind, BarSpec, ConfigSpace
 from vfiod.pci.dma import DmaFault, DmaSpace, NoDmaSpace
 from vfiod.pci.function import PciFunction
@@ -31,6 +31,7 @@ __all__ = [
     "IrqController",
     "IrqInfo",
     "MemoryRegion",
+    "MsiCap",
     "MsixCap",
     "NoDmaSpace",
     "PciFunction",

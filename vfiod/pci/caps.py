@@ -1,4 +1,4 @@
-"""Builders for the capabilities a function offers: PM, MSI-X, PCI Express, SR-IOV.
+"""Builders for the capabilities a function offers: PM, MSI, MSI-X, PCI Express, SR-IOV.
 
 Each builder lays the registers out in a :class:`ConfigSpace` with the right write masks and
 returns a small object that knows the offsets, so the function can read the live state (MSI-X
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from vfiod.pci.config import BarKind, BarSpec, ConfigSpace
 from vfiod.pci.constants import (
     PCI_CAP_ID_EXP,
+    PCI_CAP_ID_MSI,
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_PM,
     PCI_EXT_CAP_ID_SRIOV,
@@ -56,6 +57,66 @@ class PmCap:
     @property
     def power_state(self) -> int:
         return self.config.peek(self.offset + PM_PMCSR, 2) & PMCSR_STATE_MASK
+
+
+# ---- MSI ------------------------------------------------------------------------------------
+
+MSI_FLAGS = 2
+MSI_ADDRESS_LO = 4
+MSI_ADDRESS_HI = 8
+MSI_DATA_64 = 12
+MSI_CAP_SIZE_64 = 14
+MSI_FLAGS_ENABLE = 0x1
+MSI_FLAGS_QMASK = 0x0E  # Multiple Message Capable: log2 of the vectors the function asks for
+MSI_FLAGS_QSIZE = 0x70  # Multiple Message Enable: log2 of the vectors software granted
+MSI_FLAGS_64BIT = 0x80
+MSI_MAX_VECTORS = 32
+
+
+@dataclass
+class MsiCap:
+    """MSI cap, 64-bit addresses, no per-vector masking.
+
+    Software grants ``2**MME`` of the ``2**MMC`` vectors asked for; with fewer than asked the
+    function folds vector numbers into the granted ones, as the low Message Data bits it may
+    modify are fewer (PCI Local Bus 3.0, 6.8.1.3).
+    """
+
+    config: ConfigSpace
+    offset: int
+    vectors: int
+
+    @classmethod
+    def add(cls, config: ConfigSpace, vectors: int) -> MsiCap:
+        if not 1 <= vectors <= MSI_MAX_VECTORS or vectors & (vectors - 1):
+            raise ValueError("MSI supports 1, 2, 4, 8, 16 or 32 vectors")
+        off = config.add_cap(PCI_CAP_ID_MSI, MSI_CAP_SIZE_64)
+        mmc = vectors.bit_length() - 1
+        config.init(
+            off + MSI_FLAGS, 2, MSI_FLAGS_64BIT | (mmc << 1),
+            wmask=MSI_FLAGS_ENABLE | MSI_FLAGS_QSIZE,
+        )  # fmt: skip
+        config.init(off + MSI_ADDRESS_LO, 4, 0, wmask=0xFFFFFFFC)
+        config.init(off + MSI_ADDRESS_HI, 4, 0, wmask=0xFFFFFFFF)
+        config.init(off + MSI_DATA_64, 2, 0, wmask=0xFFFF)
+        return cls(config, off, vectors)
+
+    @property
+    def control(self) -> int:
+        return self.config.peek(self.offset + MSI_FLAGS, 2)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.control & MSI_FLAGS_ENABLE)
+
+    @property
+    def granted(self) -> int:
+        """Vectors software enabled (MME), never more than the function asked for."""
+        return min(1 << ((self.control & MSI_FLAGS_QSIZE) >> 4), self.vectors)
+
+    def fold(self, vector: int) -> int:
+        """The granted vector that carries ``vector``'s message."""
+        return vector & (self.granted - 1)
 
 
 # ---- MSI-X ----------------------------------------------------------------------------------

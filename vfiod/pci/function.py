@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from vfiod.pci.caps import MsixCap, PcieCap, PmCap
+from vfiod.pci.caps import MsiCap, MsixCap, PcieCap, PmCap
 from vfiod.pci.config import BarKind, BarSpec, ConfigSpace, einval
 from vfiod.pci.constants import (
     CONFIG_SPACE_SIZE,
@@ -86,6 +86,7 @@ class PciFunction:
         if self.pcie is not None and flr:
             self.config.add_hook(self.pcie.offset + EXP_DEVCTL_OFFSET, 2, self._on_devctl)
         self.msix: MsixCap | None = None
+        self.msi: MsiCap | None = None
         self.irq = IrqController(self.config, err_irq=err_irq)
         self.dma: DmaSpace = NoDmaSpace()
         self._closed = False
@@ -148,6 +149,24 @@ class PciFunction:
         self._map_window(table_region, table_offset, cap.table_size, self.irq.msix_table)
         self._map_window(pba_region, pba_offset, cap.pba_size, self.irq.msix_pba)
         return cap
+
+    def add_msi(self, vectors: int) -> MsiCap:
+        """MSI cap asking for ``vectors`` (a power of two up to 32); nothing lands in a BAR.
+
+        Unlike MSI-X, MSI lets a function be hot-unplugged from QEMU 11.1 (docs/qemu-quirks.md).
+        """
+        self._check_building()
+        cap = MsiCap.add(self.config, vectors)
+        self.msi = cap
+        self.irq.attach_msi(cap)
+        return cap
+
+    @property
+    def vectors(self) -> int:
+        """Message vectors the function can raise: MSI-X table entries, else MSI vectors."""
+        if self.msix is not None:
+            return self.msix.vectors
+        return self.msi.vectors if self.msi is not None else 0
 
     @staticmethod
     def _map_window(region: Region, offset: int, size: int, handler: RegisterHandler) -> None:
@@ -271,9 +290,9 @@ class PciFunction:
         self.dma.write(iova, data)
 
     def raise_irq(self, vector: int = 0) -> bool:
-        """Signal MSI-X ``vector`` if MSI-X is enabled, else assert INTx (level)."""
-        if self.irq.msix_enabled:
-            return self.irq.fire_msix(vector)
+        """Signal ``vector`` if MSI-X or MSI is enabled, else assert INTx (level)."""
+        if self.irq.msg_enabled:
+            return self.irq.fire_vector(vector)
         self.irq.assert_intx()
         return False
 

@@ -1,4 +1,4 @@
-"""Interrupt delivery: eventfds per IRQ index, SET_IRQS semantics, INTx and MSI-X masking.
+"""Interrupt delivery: eventfds per IRQ index, SET_IRQS semantics, INTx, MSI and MSI-X masking.
 
 Rules (spec section 2.7, pitfalls 7 and 10, lab notes):
 
@@ -13,6 +13,10 @@ Rules (spec section 2.7, pitfalls 7 and 10, lab notes):
   wrote into our own table. On q35 QEMU never sends UNMASK, so an installed fd alone must be
   enough. A vector that cannot fire gets its PBA bit set and is delivered on unmask / fd install.
 
+* MSI vector *v* (folded into the vectors software granted) fires if MSI is enabled, an
+  eventfd is installed and no SET_IRQS MASK holds it; otherwise it is remembered as pending and
+  delivered on fd install / unmask, like an MSI-X vector (the cap has no per-vector masks).
+
 MSI-X irq info advertises EVENTFD only: without MASKABLE QEMU handles guest masking itself (the
 path proven against QEMU), and without NORESIZE it adds vectors one by one instead of tearing
 all of them down. MASK/UNMASK are still honoured if sent.
@@ -24,7 +28,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from vfiod.pci.caps import MsixCap
+from vfiod.pci.caps import MsiCap, MsixCap
 from vfiod.pci.config import ConfigSpace, einval
 from vfiod.pci.constants import (
     IRQ_ERR,
@@ -119,6 +123,8 @@ class IrqController:
         self.msix_pending: list[bool] = []
         self.msix_table: MsixTable | None = None
         self.msix_pba: MsixPba | None = None
+        self.msi: MsiCap | None = None
+        self.msi_pending: list[bool] = []
         if msix is not None:
             self.attach_msix(msix)
         self.intx_level = False
@@ -136,6 +142,15 @@ class IrqController:
         self.msix_table = MsixTable(msix.vectors, self._on_table_mask)
         self.msix_pba = MsixPba(msix.vectors, lambda v: self.msix_pending[v])
         self.config.add_hook(msix.offset + 2, 2, self._on_msix_control)
+
+    def attach_msi(self, msi: MsiCap) -> None:
+        """Serve the IRQ_MSI index for an MSI cap (``msi.vectors`` eventfds)."""
+        if self.msi is not None:
+            raise ValueError("MSI already attached")
+        self.msi = msi
+        self._idx[IRQ_MSI] = _Index(msi.vectors)
+        self.msi_pending = [False] * msi.vectors
+        self.config.add_hook(msi.offset + 2, 2, self._on_msi_control)
 
     # ---- info -------------------------------------------------------------------------------
 
@@ -220,6 +235,8 @@ class IrqController:
                 self.intx_unmask()
             elif index == IRQ_MSIX:
                 self._flush_msix()
+            elif index == IRQ_MSI:
+                self._flush_msi()
         else:  # DATA_NONE | TRIGGER with count > 0: loopback trigger
             for sub in subs:
                 self.trigger(index, sub)
@@ -227,6 +244,8 @@ class IrqController:
     def _after_assign(self, index: int) -> None:
         if index == IRQ_MSIX:
             self._flush_msix()
+        elif index == IRQ_MSI:
+            self._flush_msi()
         elif index == IRQ_INTX:
             self._try_intx()
 
@@ -234,6 +253,8 @@ class IrqController:
         """Fire one sub-index as the device would; returns True if an eventfd was signalled."""
         if index == IRQ_MSIX:
             return self.fire_msix(sub)
+        if index == IRQ_MSI:
+            return self.fire_msi(sub)
         if index == IRQ_INTX:
             return self._deliver_intx()
         fd = self._idx[index].fds[sub]
@@ -247,6 +268,8 @@ class IrqController:
         self._idx[index].clear()
         if index == IRQ_MSIX:
             self.msix_pending = [False] * len(self.msix_pending)
+        elif index == IRQ_MSI:
+            self.msi_pending = [False] * len(self.msi_pending)
         elif index == IRQ_INTX:
             self.intx_automasked = False
             _close(self.intx_unmask_fd)
@@ -295,6 +318,55 @@ class IrqController:
     @property
     def msix_enabled(self) -> bool:
         return self.msix is not None and self.msix.enabled
+
+    # ---- MSI ----------------------------------------------------------------------------------
+
+    def fire_msi(self, vector: int) -> bool:
+        """Raise MSI ``vector``; remembered as pending if it cannot be delivered now."""
+        if self.msi is None or not 0 <= vector < self.msi.vectors:
+            raise ValueError(f"no MSI vector {vector}")
+        if not self.msi.enabled:
+            return False
+        granted = self.msi.fold(vector)
+        slot = self._idx[IRQ_MSI]
+        fd = slot.fds[granted]
+        if fd is None or slot.masked[granted]:
+            self.msi_pending[granted] = True
+            return False
+        signal_eventfd(fd)
+        return True
+
+    def _flush_msi(self) -> None:
+        if self.msi is None or not self.msi.enabled:
+            return
+        slot = self._idx[IRQ_MSI]
+        for v, pending in enumerate(self.msi_pending):
+            fd = slot.fds[v]
+            if pending and fd is not None and not slot.masked[v]:
+                self.msi_pending[v] = False
+                signal_eventfd(fd)
+
+    def _on_msi_control(self, old: int, new: int) -> None:
+        self._flush_msi()
+
+    @property
+    def msi_enabled(self) -> bool:
+        return self.msi is not None and self.msi.enabled
+
+    # ---- either kind of message ---------------------------------------------------------------
+
+    @property
+    def msg_enabled(self) -> bool:
+        """MSI-X or MSI is on: the function signals messages and leaves INTx alone."""
+        return self.msix_enabled or self.msi_enabled
+
+    def fire_vector(self, vector: int) -> bool:
+        """Raise ``vector`` through whichever of MSI-X and MSI is enabled (False: neither)."""
+        if self.msix_enabled:
+            return self.fire_msix(vector)
+        if self.msi_enabled:
+            return self.fire_msi(vector)
+        return False
 
     # ---- INTx ---------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""Minimal trio QMP client, and the pseries prelaunch workaround built on it (device_add of
-the vfio-user devices while the machine is paused, then cont), shared by run_guest and the
-vfiod-qemu launcher."""
+"""Minimal trio QMP client: commands and waiting for events (DEVICE_DELETED), and the pseries
+prelaunch workaround built on it (device_add of the vfio-user devices while the machine is
+paused, then cont), shared by run_guest and the vfiod-qemu launcher."""
 
 from __future__ import annotations
 
@@ -65,6 +65,28 @@ class QmpClient:
             if "error" in msg:
                 raise QmpError(f"{command}: {msg['error'].get('desc', msg['error'])}")
             return msg.get("return")
+
+    async def wait_event(
+        self, name: str, timeout: float = 60.0, **data: Any
+    ) -> dict[str, Any]:
+        """The first event ``name`` whose data has the given items (one already received while a
+        command ran counts); it is removed from ``events``. Raises trio.TooSlowError."""
+
+        def matches(msg: dict[str, Any]) -> bool:
+            got = msg.get("data", {})
+            return msg.get("event") == name and all(got.get(k) == v for k, v in data.items())
+
+        for i, msg in enumerate(self.events):
+            if matches(msg):
+                return self.events.pop(i)
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self._read_message()
+                if "event" not in msg:
+                    continue  # a late reply nobody waits for
+                if matches(msg):
+                    return msg
+                self.events.append(msg)
 
     async def aclose(self) -> None:
         await self._stream.aclose()

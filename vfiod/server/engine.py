@@ -64,7 +64,7 @@ class FastEngine:
         self._s = raw
         self._keep: list[Any] = []  # buffers the C side points into
         s = raw
-        s.spin_us = spin_us
+        s.spin_us = int(os.environ.get("VFIOD_SPIN_US_EXPERIMENT", spin_us))
         if dma_view is not None:
             s.dma = dma_view
             self._keep.append(dma_view)

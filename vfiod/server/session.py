@@ -164,6 +164,7 @@ class Session:
             return
         self.function.attach_dma(self.dma)
         try:
+            self._start_engine()
             async with trio.open_nursery() as nursery:
                 try:
                     await self._serve()
@@ -244,21 +245,21 @@ class Session:
 
     # -- the fast path -------------------------------------------------------------------
 
+    def _start_engine(self) -> None:
+        """The session's engine, made with the session (so what a session holds, its wake
+        eventfd included, does not change under a client once it is connected)."""
+        if not self._fast_path or not fastpath.native_byteorder(self.conn.byteorder):
+            self._fast_path = False
+            return
+        self.engine = fastpath.FastEngine(
+            self.channel.sock.fileno(), max_xfer=self.conn.max_data_xfer_size,
+            max_msg=self.conn.max_message_size, dma_view=self.dma.c_view,
+            ranges=self.function.fast_ranges(),
+        )  # fmt: skip
+
     def _engine_ready(self) -> bool:
-        """Whether to hand the stream to the engine now (creating it on first use)."""
-        if not self._fast_path or not self.conn.idle:
-            return False
-        if self.engine is None:
-            if not fastpath.native_byteorder(self.conn.byteorder):
-                self._fast_path = False
-                return False
-            sock = self.channel.sock.fileno()
-            self.engine = fastpath.FastEngine(
-                sock, max_xfer=self.conn.max_data_xfer_size,
-                max_msg=self.conn.max_message_size, dma_view=self.dma.c_view,
-                ranges=self.function.fast_ranges(),
-            )  # fmt: skip
-        return True
+        """Whether to hand the stream to the engine now: after VERSION, nothing owed."""
+        return self.engine is not None and self.conn.idle
 
     async def _engine_turn(self) -> None:
         """Let the engine have the stream until it punts, sees EOF or fails; then take every

@@ -17,8 +17,9 @@ def disk(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ctrl(disk: Path) -> Iterator[NvmeController]:
-    c = NvmeController(disk, NS_BYTES, io_queues=4)
+def ctrl(disk: Path, request: pytest.FixtureRequest) -> Iterator[NvmeController]:
+    """MSI (the default); parametrize indirectly with True for the MSI-X layout."""
+    c = NvmeController(disk, NS_BYTES, io_queues=4, msix=getattr(request, "param", False))
     yield c
     c.close()
 

@@ -20,11 +20,14 @@ ADMIN_DEPTH = 32
 
 
 class FakeDma:
-    """IOVA space = one bytearray at BASE; ranges in ``holes`` (and anything outside) fault."""
+    """IOVA space = one bytearray at BASE; ranges in ``holes`` (and anything outside) fault,
+    ranges in ``readonly`` fault on device writes only. A read/write-only DMA view (no
+    ``iovecs``): the controller's copy path for views that cannot translate ahead."""
 
     def __init__(self, size: int = 8 << 20) -> None:
         self.mem = bytearray(size)
         self.holes: list[tuple[int, int]] = []
+        self.readonly: list[tuple[int, int]] = []
         self.reads = 0
         self.writes = 0
 
@@ -32,7 +35,7 @@ class FakeDma:
         off = iova - BASE
         if off < 0 or off + n > len(self.mem):
             raise DmaFault(iova, n, write, "unmapped")
-        for start, size in self.holes:
+        for start, size in self.holes + (self.readonly if write else []):
             if iova < start + size and start < iova + n:
                 raise DmaFault(iova, n, write, "hole")
         return slice(off, off + n)
@@ -174,6 +177,12 @@ class Host:
         self._next = BASE
         self.queues: dict[int, HostQueue] = {}
         self.cid = 0
+        self.shadow: tuple[int, int] | None = None  # (shadow doorbells, EventIdx) IOVAs
+        self.shadow_admin = False  # Linux keeps the admin queue on MMIO doorbells
+        self.mmio: list[tuple[int, bool]] = []  # doorbell writes sent: (qid, is CQ)
+        self.skipped: list[tuple[int, bool]] = []  # shadow updates that needed no write
+        self.defer_mmio = False
+        self.pending_mmio: list[tuple[int, bool, int]] = []
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -205,6 +214,7 @@ class Host:
         self.wr(0x14, self.cc())
         assert self.rd(0x1C) & 1, "CSTS.RDY"
         self.queues = {0: HostQueue(0, asq, acq, depth, depth)}
+        self.shadow = None  # a controller reset forgets the shadow buffers
 
     # ---- submission ---------------------------------------------------------------------------
 
@@ -220,7 +230,42 @@ class Host:
             self.ring(qid)
 
     def ring(self, qid: int) -> None:
-        self.wr(0x1000 + 8 * qid, self.queues[qid].sq_tail)
+        self._doorbell(qid, False, self.queues[qid].sq_tail)
+
+    # ---- doorbells, MMIO or shadow (as Linux's nvme_dbbuf_update_and_check_event) -------------
+
+    def dbbuf(self, dbs: int | None = None, eis: int | None = None) -> Cqe:
+        """Doorbell Buffer Config; on success I/O queues use shadow doorbells from now on."""
+        dbs = self.alloc() if dbs is None else dbs
+        eis = self.alloc() if eis is None else eis
+        cqe = self.admin(0x7C, prp1=dbs, prp2=eis)
+        if cqe.sc == 0:
+            self.shadow = (dbs, eis)
+        return cqe
+
+    def slot(self, base: int, qid: int, cq: bool) -> int:
+        return int.from_bytes(self.dma.peek(base + 8 * qid + 4 * cq, 4), "little")
+
+    def _doorbell(self, qid: int, cq: bool, value: int) -> None:
+        if self.shadow is not None and (qid != 0 or self.shadow_admin):
+            dbs, eis = self.shadow
+            old = self.slot(dbs, qid, cq)
+            self.dma.poke(dbs + 8 * qid + 4 * cq, value.to_bytes(4, "little"))
+            if not need_event(self.slot(eis, qid, cq) & 0xFFFF, value, old):
+                self.skipped.append((qid, cq))
+                return
+        self.mmio.append((qid, cq))
+        if self.defer_mmio:
+            self.pending_mmio.append((qid, cq, value))
+            return
+        self.wr(0x1000 + 8 * qid + 4 * cq, value)
+
+    def flush_mmio(self) -> None:
+        """Deliver the doorbell writes held back with ``defer_mmio`` (posted writes that
+        reach the controller after the host went on)."""
+        pending, self.pending_mmio = self.pending_mmio, []
+        for qid, cq, value in pending:
+            self.wr(0x1000 + 8 * qid + 4 * cq, value)
 
     def poll(self, qid: int, ack: bool = True) -> Cqe | None:
         q = self.queues[qid]
@@ -233,7 +278,7 @@ class Host:
             q.cq_head = 0
             q.phase ^= 1
         if ack:
-            self.wr(0x1000 + 8 * qid + 4, q.cq_head)
+            self._doorbell(qid, True, q.cq_head)
         return Cqe(dw0, sqhd, sqid, cid, st & 1, st >> 1)
 
     def submit(self, qid: int, opcode: int, **fields: int) -> Cqe:
@@ -298,6 +343,11 @@ class Host:
         addr = self.alloc() if list_addr is None else list_addr
         self.dma.poke(addr, struct.pack(f"<{len(pages)}Q", *pages))
         return addr
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Whether moving a doorbell from ``old`` to ``new`` passes ``event_idx`` (16-bit)."""
+    return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 def efd() -> int:

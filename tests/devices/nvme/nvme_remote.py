@@ -1,5 +1,6 @@
 """Drive an NVMe function over vfio-user the way a guest driver behind QEMU does: guest RAM as a
-memfd via DMA_MAP, posted BAR0 writes for registers and doorbells, MSI-X eventfds.
+memfd via DMA_MAP, posted BAR0 writes for registers and doorbells, MSI or MSI-X eventfds
+(whichever the function offers).
 
 Imported as a plain module by the tests next to it (tests/ has no packages).
 """
@@ -51,15 +52,22 @@ class RemoteNvme:
         return from_little(await self.dev.region_read(0, off, size))
 
     async def start(self, io_queue: bool = True) -> None:
-        """Map RAM, enable bus mastering and MSI-X, enable the controller, create queue 1."""
+        """Map RAM, enable bus mastering and MSI-X (else MSI, 4 vectors), enable the controller,
+        create queue 1."""
         dev = self.dev
         await dev.dma_map_memory(self.ram, IOVA)
         cmd = from_little(await dev.config_read(0x04, 2))
         await dev.config_write(0x04, little(cmd | 0x6, 2))
         msix = await dev.find_capability(0x11)
-        assert msix is not None, "no MSI-X capability"
-        await dev.config_write(msix + 2, little(0x8000, 2))
-        await dev.set_irqs(IrqIndex.MSIX, TRIGGER_FD, 0, 3, self.fds)
+        if msix is not None:
+            await dev.config_write(msix + 2, little(0x8000, 2))
+            await dev.set_irqs(IrqIndex.MSIX, TRIGGER_FD, 0, 3, self.fds)
+        else:
+            msi = await dev.find_capability(0x05)
+            assert msi is not None, "neither MSI-X nor MSI"
+            flags = from_little(await dev.config_read(msi + 2, 2))
+            await dev.config_write(msi + 2, little(flags | 0x1 | (2 << 4), 2))  # enable, MME 4
+            await dev.set_irqs(IrqIndex.MSI, TRIGGER_FD, 0, 3, self.fds)
         await self.wr(0x24, ((DEPTH - 1) << 16) | (DEPTH - 1))
         await self.wr(0x28, ASQ, 8)
         await self.wr(0x30, ACQ, 8)
@@ -69,7 +77,7 @@ class RemoteNvme:
             await self.start_io_queue()
 
     async def start_io_queue(self) -> None:
-        """I/O completion queue 1 (MSI-X vector 1) and submission queue 1."""
+        """I/O completion queue 1 (vector 1) and submission queue 1."""
         cq = Command.pack(0x05, 0, prp1=IOCQ, cdw10=1 | ((DEPTH - 1) << 16), cdw11=3 | (1 << 16))
         assert (await self.admin(cq))[0] == 0
         sq = Command.pack(0x01, 0, prp1=IOSQ, cdw10=1 | ((DEPTH - 1) << 16), cdw11=1 | (1 << 16))

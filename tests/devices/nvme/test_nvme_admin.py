@@ -41,10 +41,19 @@ def test_pci_identity_and_bar_layout(ctrl: NvmeController) -> None:
     sizes = {i: ctrl.region_info(i).size for i in range(6)}
     assert sizes == {0: K.BAR0_SIZE, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0}
     caps = dict((cid, off) for off, cid in ctrl.config.walk_caps())
-    assert {0x01, 0x10, 0x11} <= set(caps)  # PM, PCIe, MSI-X
+    assert {0x01, 0x10, 0x05} <= set(caps) and 0x11 not in caps  # PM, PCIe, MSI; no MSI-X
     assert (u16(cfg, caps[0x10] + 2) >> 4) & 0xF == 0  # PCIe endpoint
-    msix = caps[0x11]
-    ctrl_word, table, pba = struct.unpack_from("<HII", cfg, msix + 2)
+    flags = u16(cfg, caps[0x05] + 2)
+    assert flags & 0x80 and (flags >> 1) & 0x7 == 3  # 64-bit, asks for 8 >= io_queues + 1
+    assert ctrl.irq_info(1).count == 8 and ctrl.irq_info(2).count == 0
+
+
+@pytest.mark.parametrize("ctrl", [True], indirect=True)
+def test_msix_layout(ctrl: NvmeController) -> None:
+    cfg = ctrl.region_read(7, 0, 4096)
+    caps = dict((cid, off) for off, cid in ctrl.config.walk_caps())
+    assert {0x01, 0x10, 0x11} <= set(caps) and 0x05 not in caps  # PM, PCIe, MSI-X
+    ctrl_word, table, pba = struct.unpack_from("<HII", cfg, caps[0x11] + 2)
     assert (ctrl_word & 0x7FF) + 1 == 5  # io_queues + 1
     assert table == K.MSIX_TABLE_OFFSET | 0 and pba == K.MSIX_PBA_OFFSET | 0
     assert ctrl.irq_info(2).count == 5
@@ -130,7 +139,7 @@ def test_identify_controller(host: Host) -> None:
     assert d[77] == 8  # MDTS: 1 MiB
     assert u32(d, 80) == 0x00010400
     assert d[111] == 1  # I/O controller
-    assert u16(d, 256) == 0  # OACS
+    assert u16(d, 256) == K.OACS_DBBUF  # OACS: Doorbell Buffer Config only
     assert d[259] == 3  # AERL
     assert d[261] & 0x04  # LPA: extended Get Log Page
     assert d[512] == 0x66 and d[513] == 0x44  # SQES, CQES
@@ -212,7 +221,7 @@ def test_identify_prp_offset_spanning_pages(host: Host) -> None:
 
 def test_unknown_admin_opcode_and_sgl(host: Host) -> None:
     assert host.admin(0x7F).sc == K.SC_INVALID_OPCODE
-    assert host.admin(0x7C).sc == K.SC_INVALID_OPCODE  # Doorbell Buffer Config
+    assert host.admin(0x7C, prp1=1).sc == K.SC_INVALID_FIELD  # DBBUF: unaligned buffer
     assert host.admin(0x06, cdw10=1, prp1=host.alloc(), flags=0x40).sc == K.SC_INVALID_FIELD
     assert host.admin(0x18).sc == 0  # Keep Alive
     assert host.admin(0x08, cdw10=1 | (5 << 16)).dw0 & 1  # Abort: not aborted
@@ -235,7 +244,7 @@ def test_create_queue_errors(host: Host) -> None:
     assert ccq(1, qsize=0) == K.SC_INVALID_QSIZE
     assert ccq(1, qsize=1024) == K.SC_INVALID_QSIZE
     assert ccq(1, flags=0x2) == K.SC_INVALID_FIELD  # not physically contiguous
-    assert ccq(1, vec=5) == K.SC_INVALID_VECTOR
+    assert ccq(1, vec=8) == K.SC_INVALID_VECTOR  # MSI asks for 8
     assert ccq(1, prp1=page + 8) == K.SC_INVALID_FIELD
     assert ccq(1) == 0
     assert ccq(1) == K.SC_INVALID_QID  # exists

@@ -1,5 +1,5 @@
 """NVMe I/O path: PRPs, read/write/flush/FUA/write zeroes/DSM, range checks, DMA faults,
-phase tags, interrupts (MSI-X and INTx on real eventfds), persistence."""
+phase tags, interrupts (MSI, MSI-X and INTx on real eventfds), persistence."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from nvme_helpers import PAGE, FakeDma, Host, count, efd
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.devices.nvme import constants as K
 from vfiod.devices.nvme.prp import NvmeStatus, prp_pieces
-from vfiod.pci.constants import IRQ_INTX, IRQ_MSIX, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD
+from vfiod.pci.constants import (
+    IRQ_INTX,
+    IRQ_MSI,
+    IRQ_MSIX,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_DATA_EVENTFD,
+)
 
 EVT = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
 
@@ -301,6 +307,7 @@ def test_invalid_doorbells_are_ignored(ioq: Host) -> None:
 # ---- interrupts -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("ctrl", [True], indirect=True)
 def test_msix_vectors_on_eventfds(ioq: Host) -> None:
     ctrl = ioq.ctrl
     assert ctrl.msix is not None
@@ -325,6 +332,39 @@ def test_msix_vectors_on_eventfds(ioq: Host) -> None:
     count(ours[0])
     assert ioq.rw(3, False, 0, 1, buf).sc == 0
     assert [count(fd) for fd in ours] == [0, 0, 0, 0, 0]
+    for fd in ours:
+        os.close(fd)
+
+
+def test_msi_vectors_on_eventfds_with_intms_masking(ioq: Host) -> None:
+    ctrl = ioq.ctrl
+    assert ctrl.msi is not None and ctrl.msix is None
+    flags = ctrl.msi.offset + 2
+    ctrl.region_write(7, flags, struct.pack("<H", 0x80 | (3 << 1) | 0x1 | (3 << 4)))  # 8 granted
+    originals = [efd() for _ in range(8)]
+    ours = [os.dup(fd) for fd in originals]
+    ctrl.set_irqs(IRQ_MSI, EVT, 0, 8, originals)
+    ioq.create_io_queue(2)  # admin completions raise vector 0
+    assert count(ours[0]) >= 1
+    buf = ioq.alloc()
+    assert ioq.rw(1, False, 0, 1, buf).sc == 0
+    assert ioq.rw(2, False, 0, 1, buf).sc == 0
+    assert [count(fd) for fd in ours] == [0, 1, 1, 0, 0, 0, 0, 0]
+    # INTMS masks vector 1: the completion is owed, INTMC raises it while the CQ holds it.
+    ioq.wr(0x0C, 1 << 1)
+    ioq.push(1, Command.pack(K.IO_READ, 400, nsid=1, prp1=buf))
+    assert count(ours[1]) == 0
+    ioq.wr(0x10, 1 << 1)
+    assert count(ours[1]) == 1
+    assert ioq.poll(1) is not None
+    ioq.wr(0x0C, 1 << 1)
+    ioq.wr(0x10, 1 << 1)  # nothing left in the CQ: nothing owed
+    assert count(ours[1]) == 0
+    # Software granted only 2 of the 8 vectors: vector 2 folds onto granted vector 0.
+    ctrl.region_write(7, flags, struct.pack("<H", 0x80 | (3 << 1) | 0x1 | (1 << 4)))
+    assert ctrl.msi.granted == 2
+    assert ioq.rw(2, False, 0, 1, buf).sc == 0
+    assert [count(fd) for fd in ours] == [1, 0, 0, 0, 0, 0, 0, 0]
     for fd in ours:
         os.close(fd)
 

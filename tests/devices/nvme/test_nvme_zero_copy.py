@@ -19,6 +19,7 @@ from nvme_helpers import BASE, PAGE, GuestRam, Host
 from vfiod.devices.nvme import NvmeController
 from vfiod.devices.nvme import constants as K
 from vfiod.devices.nvme import controller as nvme_controller
+from vfiod.devices.nvme import mover as nvme_mover
 from vfiod.pci.dma import DmaFault
 
 GUEST = 8 << 20
@@ -146,7 +147,7 @@ def test_iov_max_chunks_and_short_counts(
     ctrl: NvmeController, guest: GuestRam, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_host(ctrl, guest)
-    monkeypatch.setattr(nvme_controller, "IOV_MAX", 5)
+    monkeypatch.setattr(nvme_mover, "IOV_MAX", 5)
     sys = Syscalls(monkeypatch, cap=PAGE * 3 + 100)  # every call stops mid-iovec
     pages = [h.alloc() for _ in range(40)]
     data = pattern(40 * PAGE, seed=2)
@@ -179,7 +180,7 @@ def test_bus_master_off_faults_before_the_fast_path(ctrl: NvmeController) -> Non
         make_host(ctrl, g)
         ctrl.region_write(7, 0x04, b"\x02\x00")
         with pytest.raises(DmaFault, match="bus master"):
-            ctrl._transfer([(BASE, PAGE)], True, 0)
+            ctrl.mover.transfer([(BASE, PAGE)], True, 0)
     finally:
         g.close()
 
@@ -203,7 +204,7 @@ def test_fault_in_middle_piece_freezes_pe_and_moves_nothing(
     mem_before, disk_before = g.snapshot(), disk_bytes(ctrl, 0, 3 * PAGE)
     assert g.pe is not None and not g.pe.frozen
     with pytest.raises(DmaFault):
-        ctrl._transfer(pieces, write_to_guest, 0)
+        ctrl.mover.transfer(pieces, write_to_guest, 0)
     assert g.pe.frozen
     assert sys.calls == []  # no syscall ran: the whole list was translated first
     assert g.snapshot() == mem_before
@@ -215,10 +216,10 @@ def test_permission_is_checked_per_direction(ctrl: NvmeController, pe_guest: Gue
     make_host(ctrl, g)
     ro = BASE + 500 * PAGE
     g.view.map(ro, PAGE, g.pages[500] * PAGE, 1, os.dup(g.memfd))  # R only
-    ctrl._transfer([(ro, PAGE)], False, 0)  # device reads guest memory: fine
+    ctrl.mover.transfer([(ro, PAGE)], False, 0)  # device reads guest memory: fine
     assert g.pe is not None and not g.pe.frozen
     with pytest.raises(DmaFault):
-        ctrl._transfer([(ro, PAGE)], True, 0)  # device writes it: needs W
+        ctrl.mover.transfer([(ro, PAGE)], True, 0)  # device writes it: needs W
     assert g.pe.frozen
 
 
@@ -273,7 +274,7 @@ def test_truncated_client_file_is_a_dma_fault_not_a_crash(
     ctrl.store.write(0, pattern(4 * PAGE))
     os.ftruncate(guest.memfd, GUEST // 2)
     with pytest.raises(DmaFault, match="shrank") as info:
-        ctrl._transfer(pieces, write_to_guest, 0)
+        ctrl.mover.transfer(pieces, write_to_guest, 0)
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.EFAULT
     if guest.pe is not None:
@@ -333,7 +334,7 @@ def test_views_released_so_close_unmaps(disk: Path) -> None:
     assert h.rw(1, False, 0, 256, pages[0], h.prp_list(pages[1:])).sc == 0
     g.view.unmap(pages[3], PAGE)
     with pytest.raises(DmaFault):  # a fault mid-list (freezes the PE)
-        ctrl._transfer([(p, PAGE) for p in pages], True, 0)
+        ctrl.mover.transfer([(p, PAGE) for p in pages], True, 0)
     files = list(g.view._files.values())
     mms = [f.mm for f in files]
     assert memfd_mappings() == maps + 1
@@ -387,7 +388,7 @@ def test_zero_copy_matches_copy_path(
         guest.restore(_MEM0)
         os.pwrite(ctrl.store.fd, _DISK0, 0)
         ctrl.zero_copy = zero_copy
-        ctrl._transfer(pieces, write_to_guest, file_offset)
+        ctrl.mover.transfer(pieces, write_to_guest, file_offset)
         return guest.snapshot(), disk_bytes(ctrl, 0, NS_BYTES)
 
     fast = run(True)

@@ -166,6 +166,8 @@ IDENTIFY_SIZE = 4096
 
 NSID_ALL = 0xFFFFFFFF
 
+OACS_DBBUF = 1 << 8  # Doorbell Buffer Config (shadow doorbells and EventIdx)
+
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
 ONCS_TIMESTAMP = 1 << 6

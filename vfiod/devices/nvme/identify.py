@@ -49,6 +49,7 @@ class ControllerIdentity:
     subnqn: str
     frmw: int = 0x03  # slot 1 read-only, one slot
     lpa: int = 0x04  # extended data for Get Log Page (NUMDU, LPO)
+    oacs: int = 0  # optional admin commands: OACS_DBBUF with shadow doorbells
 
 
 def identify_controller(c: ControllerIdentity) -> bytes:
@@ -64,8 +65,9 @@ def identify_controller(c: ControllerIdentity) -> bytes:
     struct.pack_into("<I", d, 80, NVME_VERSION_1_4)
     # 84 RTD3R, 88 RTD3E: 0 (not reported); 92 OAES: 0; 96 CTRATT: 0
     d[111] = 1  # CNTRLTYPE: I/O controller
-    # 256 OACS = 0: no security, format, firmware download, NS management, directives, dbbuf
-    struct.pack_into("<H", d, 256, 0)
+    # 256 OACS: no security, format, firmware download, NS management, directives; bit 8
+    # (Doorbell Buffer Config) when shadow doorbells are on
+    struct.pack_into("<H", d, 256, c.oacs)
     d[258] = c.acl
     d[259] = c.aerl
     d[260] = c.frmw
