@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # second clone or a second CI run on the same machine reuses them.
 export VFIOD_CACHE ?= $(HOME)/.cache/vfiod
 
-.PHONY: venv run test test-fast qemu guest-images systemd-image bench fuzz soak lint clean
+.PHONY: venv run test test-fast test-cross cross-roots deb libvirt qemu guest-images systemd-image \
+	bench fuzz soak lint clean
 
 $(VENV)/.stamp: pyproject.toml setup.py $(wildcard cffi_build/*.py cffi_build/*.c cffi_build/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,9 @@ $(VENV)/.stamp: pyproject.toml setup.py $(wildcard cffi_build/*.py cffi_build/*.
 
 venv: $(VENV)/.stamp
 
-run: venv
+# The daemon on its embedded default (SR-IOV NVMe on a flat and a power8 PHB); it prints every
+# socket and, per VF, a command that boots a guest on it, so QEMU and the guest images come first.
+run: venv qemu guest-images
 	$(PY) -m vfiod
 
 qemu:
@@ -31,8 +34,32 @@ guest-images: qemu
 systemd-image: qemu
 	tools/build-systemd-image.sh
 
-test: venv qemu guest-images systemd-image
+test: venv qemu guest-images systemd-image libvirt deb cross-roots
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-cross ARCH=ppc64el CROSS_TESTS="$(CI_CROSS_TESTS)"
+	$(MAKE) --no-print-directory test-cross ARCH=s390x CROSS_TESTS="$(CI_CROSS_TESTS)"
+
+# vfiod's tests on a foreign architecture under qemu-user, in a Debian trixie root of that
+# architecture (tools/build-cross-root.sh; the cffi module is compiled there). ppc64el is the
+# host vfiod is for; s390x is big-endian. Default: the whole non-QEMU suite; CROSS_TESTS picks
+# tests (pytest arguments). `make test` runs CI_CROSS_TESTS on both (README has the times).
+ARCH ?= ppc64el
+CROSS_TESTS ?=
+CI_CROSS_TESTS ?= tests/protocol tests/spapr tests/server
+test-cross:
+	tools/test-cross.sh $(ARCH) $(CROSS_TESTS)
+
+cross-roots:
+	tools/build-cross-root.sh ppc64el
+	tools/build-cross-root.sh s390x
+
+# Debian's libvirtd and virsh, for tests/libvirt (docs/libvirt.md's recipes, run).
+libvirt:
+	tools/provision-libvirt.sh
+
+# build/deb/vfiod_<version>_<arch>.deb, built in a cached Debian trixie root (tools/build-deb.sh).
+deb:
+	tools/build-deb.sh
 
 # Everything that needs no QEMU (quick edit-test loop).
 test-fast: venv

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def test_script_function_example(tmp_path: Path) -> None:
     daemon = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "vfiod", "--socket-dir", str(tmp_path)],
+        [sys.executable, "-m", "vfiod", "--socket-dir", str(tmp_path),
+         "--state-dir", str(tmp_path / "state")],
         stdout=subprocess.DEVNULL,
     )
     try:

@@ -11,14 +11,19 @@ import trio
 
 from vfiod import __version__, logs
 from vfiod.config import Config, ConfigError, load
-from vfiod.daemon import Daemon, qemu_device_arg, serve_until_signalled
-from vfiod.host import control_socket_path
+from vfiod.daemon import Daemon, serve_until_signalled
+from vfiod.host import Slot, control_socket_path
 
 EPILOG = """\
-Without --config, vfiod serves its embedded default configuration (one test function).
+Without --config, vfiod serves its embedded default configuration: a "flat" PHB for x86 q35
+guests and a "power8" PHB for pseries guests, an NVMe PF with 2 VFs on each (namespaces are
+sparse files in the state directory) and the test function; it prints every socket and, for
+each VF, the command that boots a guest on it.
 Each function gets its own vfio-user socket; attach it to a QEMU >= 10.1 guest with
   -object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem -m 2G
   -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"SOCKET"}}'
+or through the launcher (it also does the pseries workaround):
+  vfiod-qemu --socket SOCKET -- QEMU-COMMAND-LINE
 SIGTERM or SIGINT stops the daemon: clients are closed and sockets removed.
 SIGHUP re-reads the configuration without dropping attached clients (a bad one changes
 nothing); systemd's `systemctl reload vfiod` sends it.
@@ -61,30 +66,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def announce(daemon: Daemon) -> None:
-    print(f"vfiod {__version__}: serving {len(daemon.endpoints)} function(s)", flush=True)
-    for ep in daemon.endpoints:
-        print(f"  {ep.name}: {ep.path}")
-    print(f"  control: {control_socket_path(daemon.config)}  (vfiodctl --socket ... list)")
-    print("Attach a function to a QEMU >= 10.1 guest (shared memfd RAM is required):")
-    qemu = _provisioned_qemu()
-    for ep in daemon.endpoints:
-        print(
-            f"  {qemu} -accel tcg -M q35 -m 2G -nographic \\\n"
-            "    -object memory-backend-memfd,id=mem,size=2G,share=on "
-            "-machine memory-backend=mem \\\n"
-            f"    -device '{qemu_device_arg(ep.path, ep.name)}' ..."
-        )
+    """What a newcomer needs: every socket per PHB, and for each VF a command that boots a
+    guest on it (printed so that it works when pasted; tests/test_run.py runs it)."""
+    from vfiod.qemu.boot import BootTarget, boot_commands
+
+    config = daemon.config
+    print(f"vfiod {__version__}: serving {len(daemon.endpoints)} function(s) from "
+          f"{config.source}", flush=True)
+    print(f"  state:   {config.state_dir}  (namespace files, run-time numvfs)")
+    print(f"  control: {control_socket_path(config)}  "
+          f"(vfiodctl --socket {control_socket_path(config)} list)")
+    host = daemon.host
+    for index, hphb in sorted(host.phbs.items()):
+        slots = [s for s in host.slots if s.phb is hphb]
+        if not slots:
+            continue
+        print(f"PHB {index} (window_policy {hphb.config.window_policy}):")
+        for slot in slots:
+            print(f"  {slot.name:<12} {slot.endpoint.path}  {describe_slot(slot)}")
+    commands = boot_commands([
+        BootTarget(s.name, s.endpoint.path, s.phb.config.window_policy)
+        for s in host.slots if s.kind == "vf"
+    ])
+    if commands:
+        print("Boot a guest on a VF (one guest per VF; paste a command in another terminal):")
+        for title, command in commands:
+            print(f"# {title}")
+            print(command)
     print("Stop with Ctrl-C or SIGTERM.", flush=True)
 
 
-def _provisioned_qemu() -> str:
-    """The QEMU that `make qemu` provisioned, if any (Debian 12 has no new enough one)."""
-    from vfiod.qemu import QemuNotProvisioned, qemu_binary
-
-    try:
-        return str(qemu_binary("x86_64"))
-    except QemuNotProvisioned:
-        return "qemu-system-x86_64"
+def describe_slot(slot: Slot) -> str:
+    what = {"testdev": "test function", "nvme": "NVMe"}.get(slot.config.personality,
+                                                          slot.config.personality)
+    if slot.kind == "pf":
+        what += f" PF, {len(slot.vfs)} of {slot.config.totalvfs} VFs enabled"
+    elif slot.kind == "vf":
+        what += " VF"
+    if slot.config.backing is not None:
+        what += f", namespace {slot.config.backing}"
+    return what
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def configure() -> Config:
-        config = load(args.config)
+        config = load(args.config, state_dir=Path(args.state_dir) if args.state_dir else None)
         if args.socket_dir:
             config = dataclasses.replace(config, socket_dir=Path(args.socket_dir))
-        if args.state_dir:
-            config = dataclasses.replace(config, state_dir=Path(args.state_dir))
         return config
 
     try:

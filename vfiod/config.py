@@ -25,9 +25,12 @@ _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 DEFAULT_TOML = """\
-# vfiod embedded default: one PHB and one test function, enough to attach a q35 guest and watch
-# it enumerate. socket_dir defaults to /run/vfiod as root, else $XDG_RUNTIME_DIR/vfiod or
-# /tmp/vfiod-$UID.
+# vfiod embedded default (`make run`, `vfiod` without --config): what vfiod is for, SR-IOV NVMe
+# behind POWER8-style host bridges. Two PHBs, one NVMe PF with 2 VFs enabled on each, every
+# function its own PE, IOMMU group, TCE tables and vfio-user socket; plus the test function.
+# socket_dir defaults to /run/vfiod as root, else $XDG_RUNTIME_DIR/vfiod or /tmp/vfiod-$UID;
+# state_dir (relative backing paths, run-time numvfs) to /var/lib/vfiod as root, else
+# ${XDG_STATE_HOME:-~/.local/state}/vfiod. Namespaces are sparse files created on first run.
 
 # Locked memory a client (one QEMU process) may pin through all its functions, like
 # RLIMIT_MEMLOCK; preregistered guest RAM is charged once however many functions map it.
@@ -36,15 +39,43 @@ memlock_limit = "64G"
 [[phb]]
 index = 0
 # "flat": one TCE window over the client's whole IOVA space (a q35 guest without a guest IOMMU
-# maps its RAM at guest-physical addresses). "power8": the 32-bit window at 0 and the 64-bit
-# window at 0x0800000000000000, the layout a pseries guest produces.
+# maps its RAM at guest-physical addresses): x86 guests.
 window_policy = "flat"
 page_sizes = ["4K", "64K", "2M", "16M"]
 
+[[phb]]
+index = 1
+# "power8": the 32-bit window at 0 and the 64-bit (DDW) window at 0x0800000000000000, the
+# layout a pseries guest produces: ppc64le guests (booted through vfiod-qemu).
+window_policy = "power8"
+page_sizes = ["4K", "64K", "2M", "16M"]
+
+# The vfiod test function (vendor 0x7e57): registers, a DMA engine, MSI-X; see docs/client.md.
 [[function]]
 name = "test0"
 personality = "testdev"
 phb = 0
+
+# nvme0 on the flat PHB: VFs nvme0-vf0 and nvme0-vf1, each with its own namespace file
+# (nvme0-vf0.img, ...) next to the PF's, in the state directory.
+[[function]]
+name = "nvme0"
+personality = "nvme"
+phb = 0
+backing = "nvme0.img"
+size = "1G"
+totalvfs = 4
+numvfs = 2
+
+# nvme1 on the power8 PHB, for pseries guests.
+[[function]]
+name = "nvme1"
+personality = "nvme"
+phb = 1
+backing = "nvme1.img"
+size = "1G"
+totalvfs = 4
+numvfs = 2
 """
 
 
@@ -116,19 +147,28 @@ def default_state_dir() -> Path:
     return Path(state) / "vfiod"
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and check a config file, or the embedded default when ``path`` is None."""
+def load(path: str | os.PathLike[str] | None = None, *, state_dir: Path | None = None) -> Config:
+    """Load and check a config file, or the embedded default when ``path`` is None.
+
+    ``state_dir`` overrides the file's (``--state-dir``); relative nvme ``backing`` and
+    ``vf_backing`` paths are resolved against the effective state directory.
+    """
     if path is None:
-        return parse(DEFAULT_TOML, "<default>")
+        return parse(DEFAULT_TOML, "<default>", state_dir=state_dir)
     source = os.fspath(path)
     try:
         text = Path(source).read_text()
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
-    return parse(text, source)
+    return parse(text, source, state_dir=state_dir)
 
 
-def parse(text: str, source: str) -> Config:
+def _is_int(value: object, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def parse(text: str, source: str, *, state_dir: Path | None = None) -> Config:
+    """Check a whole document; every problem is collected before ConfigError is raised."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -145,12 +185,13 @@ def parse(text: str, source: str) -> Config:
         else:
             problems.append("socket_dir: must be an absolute path (a string starting with /)")
 
-    state_dir = default_state_dir()
+    file_state_dir = default_state_dir()
     if "state_dir" in doc:
         if isinstance(doc["state_dir"], str) and doc["state_dir"].startswith("/"):
-            state_dir = Path(doc["state_dir"])
+            file_state_dir = Path(doc["state_dir"])
         else:
             problems.append("state_dir: must be an absolute path (a string starting with /)")
+    state = state_dir if state_dir is not None else file_state_dir
 
     memlock_limit: int | None = 64 << 30
     if "memlock_limit" in doc:
@@ -174,105 +215,16 @@ def parse(text: str, source: str) -> Config:
         raw_functions = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_functions):
-        where = f"function[{i}]"
         if not isinstance(raw, dict):
-            problems.append(f"{where}: must be a table")
+            problems.append(f"function[{i}]: must be a table")
             continue
-        known_keys = {"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
-                      "vf_access", "vf_backing", "shadow_doorbells", *ACCESS_KEYS}
-        for key in sorted(set(raw) - known_keys):
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
-        name = raw.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            problems.append(
-                f"{where}.name: required; letters, digits, '_', '.', '-' (at most 63), "
-                f"got {name!r}"
-            )
+        fc = _parse_function(raw, f"function[{i}]", phb_indexes, state, problems)
+        if fc is None:
             continue
-        if name in seen:
-            problems.append(f"{where}.name: duplicate function name {name!r}")
-        seen.add(name)
-        personality = raw.get("personality", "testdev")
-        if personality not in PERSONALITIES:
-            problems.append(
-                f"{where}.personality: {personality!r} is not one of {', '.join(PERSONALITIES)}"
-            )
-            continue
-        phb = raw.get("phb", 0)
-        if not isinstance(phb, int) or isinstance(phb, bool) or phb not in phb_indexes:
-            problems.append(f"{where}.phb: {phb!r} is not the index of a [[phb]]")
-            continue
-        backing: Path | None = None
-        size: int | None = None
-        if personality == "nvme":
-            raw_backing = raw.get("backing")
-            if not isinstance(raw_backing, str) or not raw_backing.startswith("/"):
-                problems.append(
-                    f"{where}.backing: an nvme function needs an absolute path to its "
-                    f"namespace file or block device, got {raw_backing!r}"
-                )
-                continue
-            backing = Path(raw_backing)
-            if "size" in raw:
-                size = parse_size(raw["size"])
-                if not size or size % 4096:
-                    problems.append(
-                        f"{where}.size: a non-zero multiple of 4 KiB such as \"1G\", "
-                        f"got {raw['size']!r}"
-                    )
-                    continue
-            elif not backing.exists():
-                problems.append(f"{where}.size: {backing} does not exist, so a size is needed")
-                continue
-        else:
-            for key in ("backing", "size"):
-                if key in raw:
-                    problems.append(f"{where}.{key}: only nvme functions have a {key}")
-        totalvfs = raw.get("totalvfs", 0)
-        numvfs = raw.get("numvfs", 0)
-        if not isinstance(totalvfs, int) or isinstance(totalvfs, bool) or not 0 <= totalvfs <= 64:
-            problems.append(f"{where}.totalvfs: an integer 0..64, got {totalvfs!r}")
-            continue
-        if not isinstance(numvfs, int) or isinstance(numvfs, bool) or not 0 <= numvfs <= totalvfs:
-            problems.append(f"{where}.numvfs: an integer 0..totalvfs ({totalvfs}), got {numvfs!r}")
-            continue
-        vf_backing = raw.get("vf_backing")
-        if vf_backing is not None and (
-            personality != "nvme"
-            or not isinstance(vf_backing, str)
-            or not vf_backing.startswith("/")
-            or "{n}" not in vf_backing
-        ):
-            problems.append(f"{where}.vf_backing: an absolute path with {{n}} for the VF number "
-                            f"(nvme PFs only), got {vf_backing!r}")
-            continue
-        shadow_doorbells = raw.get("shadow_doorbells", True)
-        if not isinstance(shadow_doorbells, bool) or (
-            personality != "nvme" and "shadow_doorbells" in raw
-        ):
-            problems.append(f"{where}.shadow_doorbells: true or false (nvme functions only), "
-                            f"got {shadow_doorbells!r}")
-            continue
-        access = _parse_access(raw, where, problems)
-        vf_access: list[SocketAccess] = []
-        raw_vf_access = raw.get("vf_access", [])
-        if not isinstance(raw_vf_access, list) or len(raw_vf_access) > totalvfs:
-            problems.append(f"{where}.vf_access: an array of at most totalvfs tables")
-            raw_vf_access = []
-        for n, entry in enumerate(raw_vf_access):
-            if not isinstance(entry, dict) or set(entry) - ACCESS_KEYS:
-                problems.append(
-                    f"{where}.vf_access[{n}]: a table of {', '.join(sorted(ACCESS_KEYS))}"
-                )
-                continue
-            vf_access.append(_parse_access({**_access_fields(raw), **entry},
-                                           f"{where}.vf_access[{n}]", problems))
-        functions.append(
-            FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
-                           size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
-                           vf_access=tuple(vf_access), vf_backing=vf_backing,
-                           shadow_doorbells=shadow_doorbells)
-        )
+        if fc.name in seen:
+            problems.append(f"function[{i}].name: duplicate function name {fc.name!r}")
+        seen.add(fc.name)
+        functions.append(fc)
     names = {f.name for f in functions}
     for f in functions:
         for n in range(f.totalvfs):
@@ -290,8 +242,99 @@ def parse(text: str, source: str) -> Config:
         source=source,
         phbs=phbs,
         memlock_limit=memlock_limit,
-        state_dir=state_dir,
+        state_dir=state,
     )
+
+
+FUNCTION_KEYS = frozenset({"name", "personality", "phb", "backing", "size", "totalvfs", "numvfs",
+                           "vf_access", "vf_backing", "shadow_doorbells"})
+
+
+def _parse_function(raw: dict[str, Any], where: str, phb_indexes: set[int], state_dir: Path,
+                    problems: list[str]) -> FunctionConfig | None:
+    """One [[function]] table; every key is checked (None if any problem was found)."""
+    before = len(problems)
+    known_keys = FUNCTION_KEYS | ACCESS_KEYS
+    for key in sorted(set(raw) - known_keys):
+        problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(known_keys))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.append(
+            f"{where}.name: required; letters, digits, '_', '.', '-' (at most 63), got {name!r}"
+        )
+    personality = raw.get("personality", "testdev")
+    if personality not in PERSONALITIES:
+        problems.append(
+            f"{where}.personality: {personality!r} is not one of {', '.join(PERSONALITIES)}"
+        )
+    phb = raw.get("phb", 0)
+    if not _is_int(phb, 0, 255) or phb not in phb_indexes:
+        problems.append(f"{where}.phb: {phb!r} is not the index of a [[phb]]")
+    backing: Path | None = None
+    size: int | None = None
+    if personality == "nvme":
+        raw_backing = raw.get("backing")
+        if not isinstance(raw_backing, str) or not raw_backing:
+            problems.append(
+                f"{where}.backing: an nvme function needs the path of its namespace file or "
+                f"block device (relative: under the state directory), got {raw_backing!r}"
+            )
+        else:
+            backing = state_dir / raw_backing  # an absolute path replaces state_dir
+        if "size" in raw:
+            size = parse_size(raw["size"])
+            if not size or size % 4096:
+                problems.append(
+                    f"{where}.size: a non-zero multiple of 4 KiB such as \"1G\", "
+                    f"got {raw['size']!r}"
+                )
+        elif backing is not None and not backing.exists():
+            problems.append(f"{where}.size: {backing} does not exist, so a size is needed")
+    elif personality in PERSONALITIES:
+        for key in ("backing", "size"):
+            if key in raw:
+                problems.append(f"{where}.{key}: only nvme functions have a {key}")
+    totalvfs = raw.get("totalvfs", 0)
+    numvfs = raw.get("numvfs", 0)
+    if not _is_int(totalvfs, 0, 64):
+        problems.append(f"{where}.totalvfs: an integer 0..64, got {totalvfs!r}")
+        totalvfs = 64
+    if not _is_int(numvfs, 0, totalvfs):
+        problems.append(f"{where}.numvfs: an integer 0..totalvfs ({totalvfs}), got {numvfs!r}")
+    vf_backing = raw.get("vf_backing")
+    if vf_backing is not None:
+        if (personality != "nvme" or not isinstance(vf_backing, str) or not vf_backing
+                or "{n}" not in vf_backing):
+            problems.append(f"{where}.vf_backing: a path with {{n}} for the VF number "
+                            f"(nvme PFs only; relative: under the state directory), "
+                            f"got {vf_backing!r}")
+        else:
+            vf_backing = str(state_dir / vf_backing)
+    shadow_doorbells = raw.get("shadow_doorbells", True)
+    if not isinstance(shadow_doorbells, bool) or (
+        personality != "nvme" and "shadow_doorbells" in raw
+    ):
+        problems.append(f"{where}.shadow_doorbells: true or false (nvme functions only), "
+                        f"got {shadow_doorbells!r}")
+    access = _parse_access(raw, where, problems)
+    vf_access: list[SocketAccess] = []
+    raw_vf_access = raw.get("vf_access", [])
+    if not isinstance(raw_vf_access, list) or len(raw_vf_access) > totalvfs:
+        problems.append(f"{where}.vf_access: an array of at most totalvfs tables")
+        raw_vf_access = []
+    for n, entry in enumerate(raw_vf_access):
+        if not isinstance(entry, dict) or set(entry) - ACCESS_KEYS:
+            problems.append(f"{where}.vf_access[{n}]: a table of {', '.join(sorted(ACCESS_KEYS))}")
+            continue
+        vf_access.append(_parse_access({**_access_fields(raw), **entry},
+                                       f"{where}.vf_access[{n}]", problems))
+    if len(problems) > before:
+        return None
+    assert isinstance(name, str)
+    return FunctionConfig(name=name, personality=personality, phb=phb, backing=backing,
+                          size=size, totalvfs=totalvfs, numvfs=numvfs, access=access,
+                          vf_access=tuple(vf_access), vf_backing=vf_backing,
+                          shadow_doorbells=shadow_doorbells)
 
 
 ACCESS_KEYS = frozenset({"socket_mode", "socket_owner", "socket_group", "allowed_uids"})
@@ -380,34 +423,38 @@ def _parse_phbs(raw_phbs: Any, problems: list[str]) -> list[PhbConfig]:
         problems.append("phb: must be a non-empty array of tables ([[phb]])")
         return [PhbConfig(0, "flat")]
     phbs: list[PhbConfig] = []
+    seen: set[int] = set()
     for i, raw in enumerate(raw_phbs):
         where = f"phb[{i}]"
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table")
             continue
+        before = len(problems)
         for key in sorted(set(raw) - {"index", "window_policy", "page_sizes"}):
             problems.append(f"{where}.{key}: unknown key (known: index, window_policy, page_sizes)")
         index = raw.get("index", i)
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= 255:
+        if not _is_int(index, 0, 255):
             problems.append(f"{where}.index: an integer 0..255, got {index!r}")
-            continue
-        if any(p.index == index for p in phbs):
+        elif index in seen:
             problems.append(f"{where}.index: duplicate PHB index {index}")
-            continue
+        else:
+            # Functions that name this index are checked against it even if the PHB has other
+            # problems, so a bad window_policy does not also make every function's phb "wrong".
+            seen.add(index)
         policy = raw.get("window_policy", "power8")
         if policy not in WINDOW_POLICIES:
             problems.append(
                 f"{where}.window_policy: {policy!r} is not one of {', '.join(WINDOW_POLICIES)}"
             )
-            continue
         sizes = raw.get("page_sizes", ["4K", "64K", "2M", "16M"])
         if not isinstance(sizes, list) or not sizes or any(s not in PAGE_SIZES for s in sizes):
             problems.append(
                 f"{where}.page_sizes: a list of {', '.join(PAGE_SIZES)}, got {sizes!r}"
             )
-            continue
-        if "4K" not in sizes:
+        elif "4K" not in sizes:
             problems.append(f"{where}.page_sizes: must include 4K (vfio-user maps are 4 KiB)")
-            continue
-        phbs.append(PhbConfig(index, policy, tuple(sorted(PAGE_SIZES[s] for s in sizes))))
+        if len(problems) == before:
+            phbs.append(PhbConfig(index, policy, tuple(sorted(PAGE_SIZES[s] for s in sizes))))
+        elif _is_int(index, 0, 255) and not any(p.index == index for p in phbs):
+            phbs.append(PhbConfig(index, "flat"))  # a stand-in, only for the function checks
     return phbs or [PhbConfig(0, "flat")]

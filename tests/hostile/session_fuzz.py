@@ -47,7 +47,8 @@ from vfiod import client  # noqa: E402
 from vfiod.client import from_little, little  # noqa: E402
 from vfiod.devices import testdev as td  # noqa: E402
 
-HDR = struct.Struct("<HHIII")
+# vfio-user is host-endian on the wire ("=": native order, standard sizes).
+HDR = struct.Struct("=HHIII")
 REPLY, NO_REPLY, ERROR = 0x1, 0x10, 0x20
 PAGE = 4096
 #: Commands a client may send, and the ones it may not (server requests, unsupported, unknown).
@@ -142,7 +143,7 @@ class Generator:
             return self.iova()
 
         def write(region: int, offset: int, value: int, size: int) -> None:
-            body = struct.pack("<QII", offset, region, size) + little(value, size)
+            body = struct.pack("=QII", offset, region, size) + little(value, size)
             self.queue.append((10, body, []))
 
         write(7, 0x04, r.choice([0x6, 0x6, 0x2, 0x0]), 2)
@@ -151,7 +152,7 @@ class Generator:
         write(0, td.REG_DMA_LEN, r.choice([1, 64, 4096, 65536, r.getrandbits(20)]), 4)
         write(0, td.REG_DMA_PATTERN, r.getrandbits(32), 4)
         write(0, td.REG_DMA_CMD, r.choice([1, 2, 3, 3, 4, 4, 0, 9]), 4)
-        self.queue.append((9, struct.pack("<QII", td.REG_DMA_STATUS, 0, 4), []))
+        self.queue.append((9, struct.pack("=QII", td.REG_DMA_STATUS, 0, 4), []))
 
     def version_body(self) -> bytes:
         r = self.rng
@@ -169,7 +170,7 @@ class Generator:
             text = b"{" * r.randint(0, 64)
         else:
             text = r.randbytes(r.randint(0, 200))
-        return struct.pack("<HH", r.choice([0, 0, 0, 1, 0xFFFF]), r.choice([0, 0, 1, 9])) + text
+        return struct.pack("=HH", r.choice([0, 0, 0, 1, 0xFFFF]), r.choice([0, 0, 1, 9])) + text
 
     def iova(self) -> int:
         r = self.rng
@@ -190,7 +191,7 @@ class Generator:
             if len(self.mapped) > 64:
                 del self.mapped[1:33]
             flags = r.choice([1, 2, 3, 3, 3, 0, r.getrandbits(32)])
-            return struct.pack("<IIQQQ", 32, flags, offset, iova, length), fds
+            return struct.pack("=IIQQQ", 32, flags, offset, iova, length), fds
         else:
             offset = r.choice([0, PAGE, r.getrandbits(64)])
             length = r.choice([PAGE, 1 << 20, r.getrandbits(64), 0])
@@ -199,7 +200,7 @@ class Generator:
         if r.random() < 0.1:
             length = r.getrandbits(32)
         flags = r.choice([1, 2, 3, 3, 3, 0, r.getrandbits(32)])
-        return struct.pack("<IIQQQ", 32, flags, offset, self.iova(), length), fds
+        return struct.pack("=IIQQQ", 32, flags, offset, self.iova(), length), fds
 
     def region_access(self, write: bool) -> bytes:
         r = self.rng
@@ -213,7 +214,7 @@ class Generator:
         count = r.choice([1, 2, 4, 4, 4, 8, 3, 0, r.randrange(0, 4097)])
         if r.random() < 0.01:
             count = r.choice([1 << 20, (1 << 20) + 1, 0xFFFFFFFF])
-        head = struct.pack("<QII", offset, region, count)
+        head = struct.pack("=QII", offset, region, count)
         if not write:
             return head
         if region == 0 and offset == td.REG_DMA_CMD and count == 4:
@@ -232,17 +233,17 @@ class Generator:
                for _ in range(nfds)]
         index = r.choice([0, 1, 2, 2, 2, 3, 4, 5, 9])
         start = r.choice([0, 0, 1, 7, r.getrandbits(32)])
-        return struct.pack("<IIIII", 20, data | action, index, start, count), fds
+        return struct.pack("=IIIII", 20, data | action, index, start, count), fds
 
     def write_multi(self) -> bytes:
         r = self.rng
         n = r.choice([0, 1, 2, 5, 65, r.getrandbits(64)])
         entries = b"".join(
-            struct.pack("<QII", r.choice(REG_OFFSETS), r.choice([0, 7, 9]),
+            struct.pack("=QII", r.choice(REG_OFFSETS), r.choice([0, 7, 9]),
                         r.choice([1, 2, 4, 8, 9])) + r.randbytes(8)
             for _ in range(min(n, 8) if n < 100 else r.randrange(0, 4))
         )
-        return struct.pack("<Q", n) + entries
+        return struct.pack("=Q", n) + entries
 
     def body(self, command: int) -> tuple[bytes, list[int]]:
         r = self.rng
@@ -254,13 +255,13 @@ class Generator:
             flags = r.choice([0, 0, 0, 2, 1, 4])
             iova, size = (0, 0) if flags == 2 and r.random() < 0.7 else (
                 self.iova(), r.choice([PAGE, 1 << 20, r.getrandbits(40) & ~0xFFF]))
-            return struct.pack("<IIQQ", 24, flags, iova, size), []
+            return struct.pack("=IIQQ", 24, flags, iova, size), []
         if command in (4, 7):
             tail = (0, 0) if command == 4 else (r.choice([0, 1, 2, 3, 4, 5, 9]), 0)
-            return struct.pack("<IIII", 16, 0, *tail), []
+            return struct.pack("=IIII", 16, 0, *tail), []
         if command == 5:
             argsz = r.choice([32, 32, 64, 256, 1024, 16, 0, 1 << 20])
-            return struct.pack("<IIIIQQ", argsz, 0, r.choice(REGIONS), 0, 0, 0), []
+            return struct.pack("=IIIIQQ", argsz, 0, r.choice(REGIONS), 0, 0, 0), []
         if command == 8:
             return self.set_irqs()
         if command in (9, 10, 11, 12):
@@ -270,7 +271,7 @@ class Generator:
         if command == 15:
             return self.write_multi(), []
         if command == 16:
-            return struct.pack("<II", r.choice([8, 16, 24]), r.getrandbits(32)) + r.randbytes(
+            return struct.pack("=II", r.choice([8, 16, 24]), r.getrandbits(32)) + r.randbytes(
                 r.choice([0, 8, 16])), []
         return r.randbytes(r.choice([0, 4, 16, 32, 100])), []
 
@@ -404,7 +405,7 @@ class Worker:
     def version(self) -> bytes:
         caps = json.dumps({"capabilities": {"max_msg_fds": 16,
                                             "max_data_xfer_size": 1 << 20}}).encode() + b"\0"
-        body = struct.pack("<HH", 0, 0) + caps
+        body = struct.pack("=HH", 0, 0) + caps
         return HDR.pack(0, 1, 16 + len(body), 0, 0) + body
 
     async def messages(self, sock: trio.socket.SocketType, n: int, wild: bool) -> None:

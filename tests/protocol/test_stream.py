@@ -102,7 +102,7 @@ def test_every_single_split_point(order: Order) -> None:
 
 def test_byte_by_byte() -> None:
     data, marks = _stream("little")
-    conn = Connection(Role.SERVER)
+    conn = Connection(Role.SERVER, byteorder="little")
     assert _feed(conn, data, marks, set(range(len(data)))) == _reference("little")
 
 
@@ -154,7 +154,7 @@ def test_fatal_error_returns_all_buffered_fds() -> None:
 
 def test_version_then_data_in_one_chunk() -> None:
     data, marks = _stream("little")
-    conn = Connection(Role.SERVER)
+    conn = Connection(Role.SERVER, byteorder="little")
     conn.receive_data(data[:40])
     ev = conn.next_event()
     assert isinstance(ev, Version)

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import struct
+import sys
 
 import trio
 
@@ -17,7 +18,8 @@ from vfiod.protocol import Request
 from vfiod.protocol.codec import Codec
 from vfiod.server.endpoint import Endpoint
 
-HDR = struct.Struct("<HHIII")
+# vfio-user is host-endian on the wire ("=": native order, standard sizes).
+HDR = struct.Struct("=HHIII")
 REQUEST, REPLY, NO_REPLY, ERROR = 0, 1, 0x10, 0x20
 
 
@@ -33,7 +35,7 @@ def msg(
 
 def version_msg(msg_id: int = 0) -> bytes:
     caps = json.dumps({"capabilities": {"max_msg_fds": 16}}).encode() + b"\0"
-    return msg(msg_id, 1, struct.pack("<HH", 0, 0) + caps)
+    return msg(msg_id, 1, struct.pack("=HH", 0, 0) + caps)
 
 
 class Raw:
@@ -107,7 +109,7 @@ async def still_serves(ep: Endpoint) -> None:
             await trio.sleep(0.01)
 
 
-_CODEC = Codec("little")
+_CODEC = Codec(sys.byteorder)  # vfio-user is host-endian
 
 
 def encode(event: Request, msg_id: int, flags: int = REQUEST) -> bytes:

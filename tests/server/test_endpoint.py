@@ -49,7 +49,7 @@ async def test_the_next_client_finds_the_function_reset_even_when_it_came_at_onc
 async def test_a_client_that_hangs_up_with_requests_unanswered_is_replaced(
     endpoint: Endpoint,
 ) -> None:
-    burst = b"".join(msg(i, 9, struct.pack("<QII", 0, 7, 4)) for i in range(1, 40))
+    burst = b"".join(msg(i, 9, struct.pack("=QII", 0, 7, 4)) for i in range(1, 40))
     for _ in range(50):
         raw = await Raw.open(endpoint.path)
         await raw.send(burst)  # pipelined reads, then gone before any reply is read
@@ -120,14 +120,14 @@ async def test_a_stranger_is_told_eperm_even_when_the_function_is_busy(
 
 WEDGE = r"""
 import array, json, socket, struct, sys
-HDR = struct.Struct("<HHIII")
+HDR = struct.Struct("=HHIII")
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
 caps = json.dumps({"capabilities": {"max_msg_fds": 16}}).encode() + b"\0"
-body = struct.pack("<HH", 0, 0) + caps
+body = struct.pack("=HH", 0, 0) + caps
 s.sendall(HDR.pack(0, 1, 16 + len(body), 0, 0) + body)
 # 4 KiB config reads whose replies we never read: the daemon ends up waiting to send
-reads = b"".join(HDR.pack(i, 9, 32, 0, 0) + struct.pack("<QII", 0, 7, 4096) for i in range(400))
+reads = b"".join(HDR.pack(i, 9, 32, 0, 0) + struct.pack("=QII", 0, 7, 4096) for i in range(400))
 s.settimeout(3)
 try:
     s.sendall(reads)

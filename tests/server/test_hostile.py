@@ -24,12 +24,12 @@ async def test_each_recoverable_mistake_gets_its_errno(endpoint: Endpoint) -> No
     raw = await Raw.open(endpoint.path)
     cases = [
         (msg(1, 99), errno.ENOSYS),  # unknown command
-        (msg(2, 9, struct.pack("<QII", 0, 0, 4) + b"xx"), errno.EINVAL),  # size disagrees
-        (msg(3, 9, struct.pack("<QII", 0, 30, 4)), errno.EINVAL),  # no such region
-        (msg(4, 9, struct.pack("<QII", 1 << 40, 0, 4)), errno.EINVAL),  # offset out of range
-        (msg(5, 9, struct.pack("<QII", 0, 0, 2 << 20)), errno.E2BIG),  # over max_data_xfer
-        (msg(6, 4, struct.pack("<IIII", 4, 0, 0, 0)), errno.EINVAL),  # argsz too small
-        (msg(7, 1, struct.pack("<HH", 0, 0) + b"{}\0"), errno.EINVAL),  # VERSION again
+        (msg(2, 9, struct.pack("=QII", 0, 0, 4) + b"xx"), errno.EINVAL),  # size disagrees
+        (msg(3, 9, struct.pack("=QII", 0, 30, 4)), errno.EINVAL),  # no such region
+        (msg(4, 9, struct.pack("=QII", 1 << 40, 0, 4)), errno.EINVAL),  # offset out of range
+        (msg(5, 9, struct.pack("=QII", 0, 0, 2 << 20)), errno.E2BIG),  # over max_data_xfer
+        (msg(6, 4, struct.pack("=IIII", 4, 0, 0, 0)), errno.EINVAL),  # argsz too small
+        (msg(7, 1, struct.pack("=HH", 0, 0) + b"{}\0"), errno.EINVAL),  # VERSION again
     ]
     for data, want in cases:
         await raw.send(data)
@@ -46,7 +46,7 @@ async def test_fds_on_a_command_that_takes_none_are_refused_and_closed(endpoint:
     raw = await Raw.open(endpoint.path)
     r, w = os.pipe()
     before = open_fd_count()
-    await raw.send(msg(1, 9, struct.pack("<QII", 0, 7, 4)), [r, w])
+    await raw.send(msg(1, 9, struct.pack("=QII", 0, 7, 4)), [r, w])
     assert await raw.expect_error(1) == errno.EINVAL
     os.close(r)
     os.close(w)
@@ -59,7 +59,7 @@ async def test_fds_on_a_command_that_takes_none_are_refused_and_closed(endpoint:
 async def test_too_many_fds_are_refused(endpoint: Endpoint) -> None:
     raw = await Raw.open(endpoint.path)
     fds = [os.eventfd(0) for _ in range(20)]
-    body = struct.pack("<IIIII", 20, 4 | 32, 2, 0, 20)
+    body = struct.pack("=IIIII", 20, 4 | 32, 2, 0, 20)
     await raw.send(msg(1, 8, body), fds)
     assert await raw.expect_error(1) == errno.EINVAL
     for fd in fds:
@@ -70,8 +70,8 @@ async def test_too_many_fds_are_refused(endpoint: Endpoint) -> None:
 
 async def test_posted_write_errors_are_not_answered(endpoint: Endpoint) -> None:
     raw = await Raw.open(endpoint.path)
-    await raw.send(msg(1, 10, struct.pack("<QII", 0, 42, 4) + b"abcd", flags=NO_REPLY))
-    await raw.send(msg(2, 9, struct.pack("<QII", 0, 7, 2)))
+    await raw.send(msg(1, 10, struct.pack("=QII", 0, 42, 4) + b"abcd", flags=NO_REPLY))
+    await raw.send(msg(2, 9, struct.pack("=QII", 0, 7, 2)))
     with trio.fail_after(5):
         mid, _, size, flags, _ = await raw.header()
     assert mid == 2 and flags == REPLY  # the answer to 2 comes first: 1 was never answered

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Mapping
@@ -64,27 +62,19 @@ def sd_image() -> SystemdImage:
         pytest.fail(str(e), pytrace=False)
 
 
-def stage_vfiod(dest: Path, src: Path | None = None) -> Path:
-    """Build the vfiod package tree to install in the guest: ``setup.py build`` of `src`
-    (default: this repo; $VFIOD_SYSTEMD_SRC overrides) into a scratch build base, so the repo is
-    not touched. The result is DEST/vfiod, ready to copy into a site-packages directory, with the
-    cffi extension compiled by the host's Python against the limited API (vfiod/_fast.abi3.so,
-    loadable by the guest's newer Python 3). No network and no compiler in the guest."""
+def build_deb(dest: Path, src: Path | None = None) -> Path:
+    """The vfiod .deb of `src` (default: this repo; $VFIOD_SYSTEMD_SRC overrides), built by
+    tools/build-deb.sh (`make deb`: dpkg-buildpackage in the cached trixie build root) into
+    `dest`, so the guest installs exactly the tree under test, the way an operator would."""
     src = src or Path(os.environ.get("VFIOD_SYSTEMD_SRC") or REPO)
-    base = dest / "build"
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "build", "--build-base", str(base)],
-        cwd=src, check=True, capture_output=True, text=True,
+    res = subprocess.run(
+        [str(src / "tools" / "build-deb.sh")], cwd=src, capture_output=True, text=True,
+        env={**os.environ, "VFIOD_DEB_OUT": str(dest)}, timeout=1800,
     )  # fmt: skip
-    libs = sorted(base.glob("lib*/vfiod"))
-    if not libs:
-        raise RuntimeError(f"setup.py build produced no vfiod package under {base}")
-    out = dest / "vfiod"
-    shutil.copytree(libs[0], out, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.rmtree(base)
-    if not list(out.glob("_fast*.so")):
-        raise RuntimeError("the staged tree has no compiled vfiod._fast")
-    return out
+    debs = sorted(dest.glob("vfiod_*.deb"))
+    if res.returncode != 0 or len(debs) != 1:
+        raise RuntimeError(f"tools/build-deb.sh failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return debs[0]
 
 
 def make_payload(files: Mapping[str, bytes | str | Path]) -> bytes:

@@ -1,8 +1,12 @@
-"""systemd/vfiod.service under a real systemd: a Debian trixie guest (init = systemd) boots under
-QEMU with the vfiod tree under test and the unit installed, and drives it with systemctl.
+"""The vfiod .deb and its vfiod.service under a real systemd: a Debian trixie guest (init =
+systemd) boots under QEMU, installs the package built from the tree under test (`make deb`) with
+dpkg, and drives the unit with systemctl.
 
 One boot (tests/systemd/guest/run.sh) runs every step and reports markers; the tests below each
 assert one behaviour on them:
+  * dpkg -i installs vfiod, vfiodctl, vfiod-qemu, the unit and the example; the postinst enables
+    and starts the service on the admin's /etc/vfiod/vfiod.toml (a conffile, kept); the
+    package's own default configuration passes --check-config
   * systemd-analyze verify passes on the installed unit
   * start: Type=notify, so `systemctl start` returns once vfiod sent READY=1, and at that moment
     every function socket listens and a function is usable (vendor id + DMA through the PE)
@@ -16,16 +20,19 @@ assert one behaviour on them:
 
 from __future__ import annotations
 
+import io
+import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from sdguest import (
     GUEST_DIR,
-    UNIT,
     SystemdImage,
     boot_with_payload,
+    build_deb,
     make_payload,
-    stage_vfiod,
     systemd_image,
 )
 
@@ -69,22 +76,26 @@ def image() -> SystemdImage:
 
 
 @pytest.fixture(scope="module")
-def run(image: SystemdImage, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb of the tree under test (`make deb`'s script, into a scratch directory)."""
+    return build_deb(tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="module")
+def run(image: SystemdImage, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
     tmp = tmp_path_factory.mktemp("systemd-guest")
     t0 = time.monotonic()
-    stage = stage_vfiod(tmp / "stage")
     payload = make_payload({
         "run.sh": (GUEST_DIR / "run.sh").read_text(),
         "probe.py": (GUEST_DIR / "probe.py").read_text(),
-        "vfiod.service": UNIT.read_text(),
         "conf/start.toml": START_TOML,
         "conf/reload.toml": RELOAD_TOML,
-        "stage/vfiod": stage,
+        "vfiod.deb": deb.read_bytes(),
     })  # fmt: skip
     t_stage = time.monotonic() - t0
     res = boot_with_payload(image, payload, tmp, timeout=900)
     (tmp / "console.log").write_text(res.console)  # the whole run, for a failure's post-mortem
-    print(f"systemd guest: staging {t_stage:.1f} s, {res.describe()}, "
+    print(f"systemd guest: make deb {t_stage:.1f} s, {res.describe()}, "
           f"boot {res.markers.get('uptime', '?')} s guest uptime; "
           f"start {res.markers.get('start_seconds')} s, reload {res.markers.get('reload_seconds')}"
           f" s (settled {res.markers.get('reload_settle_seconds')} s), "
@@ -106,6 +117,44 @@ def _ctx(res: GuestResult, *sections: str) -> str:
 def test_guest_ran_the_whole_script(run: GuestResult) -> None:
     assert not run.timed_out and run.exit_status == 0, run.tail(120)
     assert run.markers.get("install") == "ok", run.tail()
+
+
+def test_the_deb_holds_the_commands_unit_config_and_example(deb: Path) -> None:
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
+                           check=True).stdout
+    for path in ("./usr/bin/vfiod", "./usr/bin/vfiodctl", "./usr/bin/vfiod-qemu",
+                 "./usr/lib/systemd/system/vfiod.service", "./etc/vfiod/vfiod.toml",
+                 "./usr/share/doc/vfiod/examples/nvme-sriov.toml",
+                 "./usr/lib/python3/dist-packages/vfiod/_fast.abi3.so",
+                 "./usr/lib/python3/dist-packages/vfiod/protocol/__init__.py"):
+        assert f" {path}\n" in files, (path, files)
+    control = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
+                             text=True, check=True).stdout
+    assert control.split() == ["/etc/vfiod/vfiod.toml"]
+    unit = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                          check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(unit)) as tar:
+        member = tar.extractfile("./usr/lib/systemd/system/vfiod.service")
+        assert member is not None
+        text = member.read().decode()
+    assert "ExecStart=/usr/bin/vfiod --config %E/vfiod/vfiod.toml" in text
+    assert "/opt/vfiod" not in text.replace("# Install: vfiod in a venv at /opt/vfiod", "")
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True,
+                             text=True, check=True).stdout
+    for dep in ("python3-trio", "python3-construct", "python3-cffi-backend",
+                "python3-sortedcontainers"):
+        assert dep in depends, depends
+
+
+def test_the_deb_installs_enables_and_starts_the_service(run: GuestResult) -> None:
+    m = run.markers
+    assert m.get("dpkg") == "0", _ctx(run, "dpkg")
+    assert m.get("deb_files") == "ok", _ctx(run, "dpkg")
+    assert m.get("deb_conffile") == "kept", _ctx(run, "dpkg")  # the admin's vfiod.toml
+    assert m.get("deb_enabled") == "enabled", _ctx(run, "dpkg")
+    assert m.get("deb_active") == "active", _ctx(run, "dpkg")
+    assert m.get("deb_sockets") == "control.sock,pf0.sock,test0.sock", _ctx(run, "dpkg")
+    assert m.get("deb_default_config") == "0", _ctx(run, "check")
 
 
 def test_systemd_analyze_verify_in_guest(run: GuestResult) -> None:

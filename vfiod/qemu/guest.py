@@ -26,6 +26,7 @@ import trio
 from . import cpio
 from .cmdline import qemu_command_line, vfio_user_device
 from .locate import guest_image, normalize_arch
+from .qmp import PRELAUNCH_TIMEOUT, prelaunch
 
 __all__ = [
     "GuestError",
@@ -33,6 +34,7 @@ __all__ = [
     "build_initrd_overlay",
     "parse_console",
     "run_guest",
+    "write_guest_initrd",
 ]
 
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
@@ -135,68 +137,14 @@ def build_initrd_overlay(script: str, files: Mapping[str, bytes | str] | None = 
     return cpio.gzip_bytes(cpio.newc_archive(entries))
 
 
-#: Longest the pseries prelaunch (QMP connect, device_add of every device, cont) may take: each
-#: device_add makes QEMU connect to the server and read the device's regions and config space.
-PRELAUNCH_TIMEOUT = 60.0
-
-
-async def _qmp_prelaunch(qmp_path: Path, sockets: Sequence[str | Path]) -> None:
-    """QEMU 11.1's pseries workaround (lab.md): device_add each vfio-user-pci device while the
-    machine is still in prelaunch (-S), then cont; raise QmpError saying which step failed."""
-    from .qmp import QmpClient, QmpError
-
-    client = await QmpClient.connect(qmp_path)
-    try:
-        status = await client.execute("query-status")
-        if status.get("status") != "prelaunch":
-            raise QmpError(f"machine is {status.get('status')!r}, not in prelaunch")
-        for i, path in enumerate(sockets):
-            try:
-                await client.execute("device_add", vfio_user_device(path, f"vfu{i}"))
-            except QmpError as exc:
-                raise QmpError(f"vfu{i} ({path}): {exc}") from None
-        await client.execute("cont")
-        status = await client.execute("query-status")
-        if not status.get("running"):
-            raise QmpError(f"cont: machine is {status.get('status')!r}, not running")
-    finally:
-        await client.aclose()
-
-
-async def _prelaunch(qmp_path: Path, sockets: Sequence[str | Path], exited: trio.Event,
-                     timeout: float) -> str | None:
-    """Run the prelaunch unless QEMU exits first; None when the guest is running, else why not."""
-    from .qmp import QmpError
-
-    failure: list[str] = []
-    finished = False
-    async with trio.open_nursery() as nursery:
-
-        async def watch_exit() -> None:
-            await exited.wait()
-            await trio.sleep(0.5)  # a QMP error that explains the exit wins
-            nursery.cancel_scope.cancel()
-
-        async def add_devices() -> None:
-            nonlocal finished
-            try:
-                with trio.fail_after(timeout):
-                    await _qmp_prelaunch(qmp_path, sockets)
-                finished = True
-            except trio.TooSlowError:
-                failure.append(f"QMP prelaunch (device_add, cont) took more than {timeout:.0f} s")
-            except (OSError, QmpError, ValueError) as exc:
-                failure.append(f"QMP prelaunch failed: {exc}")
-                await trio.sleep(0.2)  # let QEMU's own complaint reach stderr
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch_exit)
-        nursery.start_soon(add_devices)
-    if failure:
-        return failure[0]
-    if not finished:
-        return "QEMU exited before the vfio-user devices were added (see its stderr)"
-    return None
+def write_guest_initrd(arch: str, dest: Path, script: str,
+                       files: Mapping[str, bytes | str] | None = None) -> Path:
+    """The provisioned initrd for `arch` with `script` as /guest.sh (and `files`) appended, at
+    `dest`: what run_guest boots, also usable on a command line of one's own."""
+    base = guest_image(arch).initrd.read_bytes()
+    # Zero padding to a 4-byte boundary between archives is what the kernel expects.
+    dest.write_bytes(base + b"\0" * (-len(base) % 4) + build_initrd_overlay(script, files))
+    return dest
 
 
 async def run_guest(
@@ -234,10 +182,7 @@ async def run_guest(
         accel = await select_accel(arch)
     tmp = Path(tempfile.mkdtemp(prefix="vfiod-guest-"))
     try:
-        initrd = tmp / "initrd.img"
-        base = img.initrd.read_bytes()
-        # Zero padding to a 4-byte boundary between archives is what the kernel expects.
-        initrd.write_bytes(base + b"\0" * (-len(base) % 4) + build_initrd_overlay(script, files))
+        initrd = write_guest_initrd(arch, tmp / "initrd.img", script, files)
         qmp = tmp / "qmp.sock" if (arch == "ppc64le" and vfio_user_sockets) else None
         cmd = qemu_command_line(
             arch, vfio_user_sockets, memory_mb=memory_mb, smp=smp, accel=accel,
@@ -296,7 +241,9 @@ async def _run(
             nursery.start_soon(waiter)
             with trio.move_on_after(timeout) as scope:
                 if qmp is not None:
-                    error = await _prelaunch(qmp, sockets, exited, min(timeout, PRELAUNCH_TIMEOUT))
+                    devices = [vfio_user_device(p, f"vfu{i}") for i, p in enumerate(sockets)]
+                    error = await prelaunch(qmp, devices, exited,
+                                            timeout=min(timeout, PRELAUNCH_TIMEOUT))
                 if error is None:
                     await done.wait()
             timed_out = scope.cancelled_caught

@@ -86,7 +86,11 @@ def guest_image(arch: str = "x86_64") -> GuestImage:
     kernel = d / _KERNEL_FILE[arch]
     initrd = d / "initrd.img"
     for p in (kernel, initrd):
-        if not p.is_file():
+        try:
+            found = p.is_file()
+        except OSError as exc:  # hidden, e.g. by ProtectHome= under systemd (EACCES)
+            raise QemuNotProvisioned(f"{p}: {exc.strerror}: {HINT}") from None
+        if not found:
             extra = f" GUEST_ARCHES='{arch}'" if arch != "x86_64" else ""
             raise QemuNotProvisioned(f"{p} not found: {HINT}{extra}")
     release = (d / "kernel-release").read_text().strip() if (d / "kernel-release").is_file() else ""

@@ -1,15 +1,17 @@
-"""Minimal trio QMP client: commands (prelaunch device_add + cont for pseries, hotplug) and
-waiting for events (DEVICE_DELETED)."""
+"""Minimal trio QMP client: commands and waiting for events (DEVICE_DELETED), and the pseries
+prelaunch workaround built on it (device_add of the vfio-user devices while the machine is
+paused, then cont), shared by run_guest and the vfiod-qemu launcher."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-__all__ = ["QmpClient", "QmpError"]
+__all__ = ["PRELAUNCH_TIMEOUT", "QmpClient", "QmpError", "add_devices_in_prelaunch", "prelaunch"]
 
 
 class QmpError(RuntimeError):
@@ -88,3 +90,70 @@ class QmpClient:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+#: Longest the pseries prelaunch (QMP connect, device_add of every device, cont) may take: each
+#: device_add makes QEMU connect to the server and read the device's regions and config space.
+PRELAUNCH_TIMEOUT = 60.0
+
+
+async def add_devices_in_prelaunch(qmp_path: str | Path, devices: Sequence[dict[str, Any]],
+                                   *, cont: bool = True) -> None:
+    """QEMU 11.1's pseries workaround (lab.md): device_add each device while the machine is
+    still in prelaunch (-S), then cont; raise QmpError saying which step failed."""
+    client = await QmpClient.connect(qmp_path)
+    try:
+        status = await client.execute("query-status")
+        if status.get("status") != "prelaunch":
+            raise QmpError(f"machine is {status.get('status')!r}, not in prelaunch")
+        for dev in devices:
+            try:
+                await client.execute("device_add", dict(dev))
+            except QmpError as exc:
+                where = dev.get("socket", {}).get("path", "")
+                raise QmpError(f"{dev.get('id')} ({where}): {exc}") from None
+        if not cont:
+            return
+        await client.execute("cont")
+        status = await client.execute("query-status")
+        if not status.get("running"):
+            raise QmpError(f"cont: machine is {status.get('status')!r}, not running")
+    finally:
+        await client.aclose()
+
+
+async def prelaunch(qmp_path: str | Path, devices: Sequence[dict[str, Any]], exited: trio.Event,
+                    *, timeout: float = PRELAUNCH_TIMEOUT, cont: bool = True) -> str | None:
+    """add_devices_in_prelaunch unless QEMU exits first (`exited` is set when it does).
+
+    None when the devices are in (and the guest running, with `cont`), else why not: the
+    caller kills QEMU and shows the reason next to QEMU's own stderr."""
+    failure: list[str] = []
+    finished = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_exit() -> None:
+            await exited.wait()
+            await trio.sleep(0.5)  # a QMP error that explains the exit wins
+            nursery.cancel_scope.cancel()
+
+        async def add_devices() -> None:
+            nonlocal finished
+            try:
+                with trio.fail_after(timeout):
+                    await add_devices_in_prelaunch(qmp_path, devices, cont=cont)
+                finished = True
+            except trio.TooSlowError:
+                failure.append(f"QMP prelaunch (device_add, cont) took more than {timeout:.0f} s")
+            except (OSError, QmpError, ValueError) as exc:
+                failure.append(f"QMP prelaunch failed: {exc}")
+                await trio.sleep(0.2)  # let QEMU's own complaint reach stderr
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_exit)
+        nursery.start_soon(add_devices)
+    if failure:
+        return failure[0]
+    if not finished:
+        return "QEMU exited before the vfio-user devices were added (see its stderr)"
+    return None

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs inside the systemd test guest (tests/systemd/test_service_in_guest.py), as root, started
-# by the image's vfiod-ci.service from the payload disk. Installs the vfiod tree under test into
-# the image's /opt/vfiod venv plus systemd/vfiod.service, then drives the unit with systemctl.
+# by the image's vfiod-ci.service from the payload disk. Installs
+# the vfiod .deb built from the tree under test (dpkg -i: vfiod, vfiodctl, vfiod-qemu, the unit
+# and /etc/vfiod/vfiod.toml), checks the package's own start, then drives the unit with systemctl.
 # Every step reports "@@VFIOD key=value" markers (and @@BEGIN/@@END sections); nothing stops
 # early, so one boot shows every result and the host test asserts on them.
 # SC2046: `mark $(...)` splits key=value tokens on purpose (values have no spaces).
@@ -9,7 +10,7 @@
 # shellcheck disable=SC2046,SC2317,SC2012
 set -u
 cd "$(dirname "$0")" || exit 99
-PY=/opt/vfiod/bin/python3
+PY=/usr/bin/python3
 CONF=/etc/vfiod/vfiod.toml
 RUN=/run/vfiod
 
@@ -48,25 +49,37 @@ snapshot() {  # PREFIX: state of the unit right now
         "$1sockets=$(sockets) $1nrestarts=$(prop NRestarts)"
 }
 
-# ---- install ------------------------------------------------------------------------------
+# ---- install: the .deb (`make deb`) ---------------------------------------------------------
 mark at_install=$(now)
-purelib=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-cp -a stage/vfiod "$purelib/"
-# Byte-compile now, as pip does at install: ProtectSystem=strict keeps the daemon from writing
-# __pycache__, and compiling at every start costs seconds under TCG.
-t=$(now)
-"$PY" -m compileall -q -j0 "$purelib/vfiod" >/dev/null
-mark compile_seconds=$(elapsed "$t")
-install -m 0644 vfiod.service /etc/systemd/system/vfiod.service
+# The admin's configuration first: vfiod.toml is a conffile, dpkg keeps the existing one
+# (--force-confold), and the package's postinst (dh_installsystemd) enables and starts the
+# service on it.
 install -d -m 0755 /etc/vfiod
 install -m 0644 conf/start.toml "$CONF"
-systemctl daemon-reload
+t=$(now)
+DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold vfiod.deb >dpkg.out 2>&1
+mark dpkg=$? dpkg_seconds=$(elapsed "$t")
+section dpkg cat dpkg.out
+files=ok
+for f in /usr/bin/vfiod /usr/bin/vfiodctl /usr/bin/vfiod-qemu /usr/lib/systemd/system/vfiod.service; do
+    [ -e "$f" ] || files="missing:$f"
+done
+mark deb_files=$files deb_conffile=$(cmp -s conf/start.toml "$CONF" && echo kept || echo replaced) \
+    deb_enabled=$(systemctl is-enabled vfiod.service) deb_active=$(systemctl is-active vfiod.service) \
+    deb_sockets=$(sockets)
+# The package's own default configuration is valid.
+dpkg-deb --fsys-tarfile vfiod.deb | tar -xOf - ./etc/vfiod/vfiod.toml >pkg.toml
+/usr/bin/vfiod --check-config pkg.toml >check.out 2>&1
+mark deb_default_config=$?
+section check cat check.out
+# The steps below start from a stopped service.
+systemctl stop vfiod.service
 mark install=ok python=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
     systemd=$(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')
 
 # ---- systemd-analyze ----------------------------------------------------------------------
 mark at_analyze=$(now)
-systemd-analyze verify /etc/systemd/system/vfiod.service >verify.out 2>&1
+systemd-analyze verify /usr/lib/systemd/system/vfiod.service >verify.out 2>&1
 mark verify=$?
 section verify cat verify.out
 systemd-analyze security --no-pager vfiod.service >security.out 2>&1
@@ -87,7 +100,7 @@ mark start_tce_mapped=$(grep -c '_fast' "/proc/$pid0/maps" 2>/dev/null || echo 0
 
 # ---- runtime layout change through the control socket: 2 VFs on pf0 --------------------------
 mark at_numvfs=$(now)
-section numvfs /opt/vfiod/bin/vfiodctl set-numvfs pf0 2
+section numvfs /usr/bin/vfiodctl set-numvfs pf0 2
 wait_for 10 settled pf0-vf1.sock
 mark numvfs_sockets=$(sockets)
 mark $(probe check "$RUN/pf0-vf1.sock" numvfs_vf1_)
