@@ -43,6 +43,7 @@ struct vfu_session *vfu_new(int sock, int wake_fd, uint32_t max_xfer, uint32_t m
     s->max_xfer = max_xfer;
     s->max_msg = max_msg;
     s->batch = 64;
+    s->stall_ms = 5000;
     s->rcap = (uint64_t)max_msg + RECV_ROOM;
     s->rbuf = malloc(s->rcap);
     s->mcap = MARKS;
@@ -186,12 +187,15 @@ static long send_all(struct vfu_session *s, int block)
                 s->slen -= done;
                 return VFU_WANT_WRITE;
             }
-            if (poll(p, 2, -1) < 0 && errno != EINTR)
+            int n = poll(p, 2, s->stall_ms ? (int)s->stall_ms : -1);
+            if (n < 0 && errno != EINTR)
                 return -errno;
-            if (p[1].revents & POLLIN) {
+            if (n == 0 || (p[1].revents & POLLIN)) {
+                /* woken, or a peer that has not read for a while: the session decides (it
+                 * checks whether the peer process still exists, and waits on) */
                 memmove(s->sbuf, s->sbuf + done, s->slen - done);
                 s->slen -= done;
-                return VFU_STOPPED;
+                return n == 0 ? VFU_WANT_WRITE : VFU_STOPPED;
             }
             continue;
         }

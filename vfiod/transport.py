@@ -130,8 +130,9 @@ class Channel:
         await trio.lowlevel.wait_readable(self.sock if self._raw is None else self._raw)
 
     async def wait_writable(self) -> None:
-        """Sleep until the socket has room for more bytes."""
-        await trio.lowlevel.wait_writable(self.sock if self._raw is None else self._raw)
+        """Sleep until the socket has room for more bytes; BrokenPipeError if the peer process
+        is gone meanwhile (see ``_wait_writable``)."""
+        await self._wait_writable()
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message (or several, concatenated); fds travel with the first byte."""

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vfiod import transport
 from vfiod.pci.region import FastRange
 
 try:  # the C module is optional: without it the session does everything itself
@@ -65,6 +66,7 @@ class FastEngine:
         self._keep: list[Any] = []  # buffers the C side points into
         s = raw
         s.spin_ns = int(os.environ.get("VFIOD_SPIN_NS_EXPERIMENT", "0"))
+        s.stall_ms = max(1, int(transport.SEND_STALL_CHECK * 1000))
         if dma_view is not None:
             s.dma = dma_view
             self._keep.append(dma_view)
