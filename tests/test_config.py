@@ -101,3 +101,18 @@ def test_embedded_default_is_sriov_nvme_on_a_flat_and_a_power8_phb(tmp_path: Pat
         assert f.backing is not None and f.backing.parent == tmp_path
     # the test function stays available
     assert any(f.personality == "testdev" for f in cfg.functions)
+
+
+def test_dma_fault_policy_defaults_per_window_policy_and_is_checked() -> None:
+    parsed = config.parse(
+        '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
+        '[[phb]]\nindex = 1\nwindow_policy = "power8"\n'
+        '[[phb]]\nindex = 2\nwindow_policy = "flat"\ndma_fault = "freeze"\n'
+        '[[function]]\nname = "t"\npersonality = "testdev"\n',
+        "test",
+    )
+    assert [p.fault_policy for p in parsed.phbs] == ["error", "freeze", "freeze"]
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse('[[phb]]\nindex = 0\ndma_fault = "ignore"\n'
+                     '[[function]]\nname = "t"\npersonality = "testdev"\n', "test")
+    assert exc.value.problems == ["phb[0].dma_fault: 'ignore' is not one of freeze, error"]

@@ -42,6 +42,9 @@ index = 0
 # maps its RAM at guest-physical addresses): x86 guests.
 window_policy = "flat"
 page_sizes = ["4K", "64K", "2M", "16M"]
+# A DMA fault fails the faulting command (Data Transfer Error) and the function goes on: x86
+# guests have no EEH to recover a frozen PE ("freeze" is the alternative; flat's default).
+dma_fault = "error"
 
 [[phb]]
 index = 1
@@ -49,6 +52,9 @@ index = 1
 # layout a pseries guest produces: ppc64le guests (booted through vfiod-qemu).
 window_policy = "power8"
 page_sizes = ["4K", "64K", "2M", "16M"]
+# A DMA fault freezes the PE (EEH) until the guest recovers it, or until a function reset
+# (FLR / DEVICE_RESET) or `vfiodctl eeh <function> thaw` ("error" is the alternative).
+dma_fault = "freeze"
 
 # The vfiod test function (vendor 0x7e57): registers, a DMA engine, MSI-X; see docs/client.md.
 [[function]]
@@ -88,11 +94,24 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
+#: What a DMA fault does to the faulting function's PE, by default per window policy: a pseries
+#: guest (power8) has EEH and recovers a frozen PE; an x86 guest (flat) has not, so its faulting
+#: command fails (Data Transfer Error for NVMe) and the function goes on.
+DMA_FAULT_POLICIES = ("freeze", "error")
+DEFAULT_DMA_FAULT = {"power8": "freeze", "flat": "error"}
+
+
 @dataclass(frozen=True)
 class PhbConfig:
     index: int
     window_policy: str = "power8"
     page_shifts: tuple[int, ...] = (12, 16, 21, 24)
+    dma_fault: str = ""  # "" = the window policy's default (DEFAULT_DMA_FAULT)
+
+    @property
+    def fault_policy(self) -> str:
+        """What a DMA fault does on this PHB: "freeze" (EEH) or "error"."""
+        return self.dma_fault or DEFAULT_DMA_FAULT.get(self.window_policy, "freeze")
 
 
 @dataclass(frozen=True)
@@ -430,8 +449,9 @@ def _parse_phbs(raw_phbs: Any, problems: list[str]) -> list[PhbConfig]:
             problems.append(f"{where}: must be a table")
             continue
         before = len(problems)
-        for key in sorted(set(raw) - {"index", "window_policy", "page_sizes"}):
-            problems.append(f"{where}.{key}: unknown key (known: index, window_policy, page_sizes)")
+        for key in sorted(set(raw) - {"index", "window_policy", "page_sizes", "dma_fault"}):
+            problems.append(f"{where}.{key}: unknown key "
+                            "(known: index, window_policy, page_sizes, dma_fault)")
         index = raw.get("index", i)
         if not _is_int(index, 0, 255):
             problems.append(f"{where}.index: an integer 0..255, got {index!r}")
@@ -453,8 +473,14 @@ def _parse_phbs(raw_phbs: Any, problems: list[str]) -> list[PhbConfig]:
             )
         elif "4K" not in sizes:
             problems.append(f"{where}.page_sizes: must include 4K (vfio-user maps are 4 KiB)")
+        fault = raw.get("dma_fault", "")
+        if "dma_fault" in raw and fault not in DMA_FAULT_POLICIES:
+            problems.append(
+                f"{where}.dma_fault: {fault!r} is not one of {', '.join(DMA_FAULT_POLICIES)}"
+            )
         if len(problems) == before:
-            phbs.append(PhbConfig(index, policy, tuple(sorted(PAGE_SIZES[s] for s in sizes))))
+            phbs.append(PhbConfig(index, policy, tuple(sorted(PAGE_SIZES[s] for s in sizes)),
+                                  fault))  # fmt: skip
         elif _is_int(index, 0, 255) and not any(p.index == index for p in phbs):
             phbs.append(PhbConfig(index, "flat"))  # a stand-in, only for the function checks
     return phbs or [PhbConfig(0, "flat")]

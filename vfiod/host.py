@@ -131,8 +131,7 @@ class Host:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.phbs: dict[int, HostPhb] = {
-            pc.index: HostPhb(pc, spapr.Phb(index=pc.index, page_shifts=pc.page_shifts))
-            for pc in config.phbs
+            pc.index: HostPhb(pc, _make_phb(pc)) for pc in config.phbs
         }
         self.clients: dict[int, ClientAccount] = {}
         #: host addresses of the clients' RAM files, the same on every PHB (reused as they go)
@@ -316,12 +315,13 @@ class Host:
             for pc in new.phbs:
                 current = self.phbs.get(pc.index)
                 if current is None:
-                    self.phbs[pc.index] = HostPhb(pc, spapr.Phb(index=pc.index,
-                                                                page_shifts=pc.page_shifts))
+                    self.phbs[pc.index] = HostPhb(pc, _make_phb(pc))
                     done.append(f"phb {pc.index}: added")
                 elif current.config != pc:
                     current.config = pc
-                    done.append(f"phb {pc.index}: {pc.window_policy} for new sessions")
+                    current.phb.dma_fault = pc.fault_policy  # the next fault already
+                    done.append(f"phb {pc.index}: {pc.window_policy} for new sessions, "
+                                f"dma_fault {pc.fault_policy}")
             wanted = {fc.name: fc for fc in new.functions}
             top = [s for s in self.slots if s.kind != "vf"]
             for slot in top:
@@ -570,6 +570,10 @@ class Host:
                     fam.setdefault(family.name, Family(family.name, family.kind, family.help))
                     fam[family.name].samples.extend(family.samples)
         return render(fam.values())
+
+
+def _make_phb(pc: PhbConfig) -> spapr.Phb:
+    return spapr.Phb(index=pc.index, page_shifts=pc.page_shifts, dma_fault=pc.fault_policy)
 
 
 def _only_access_changed(old: FunctionConfig, new: FunctionConfig) -> bool:

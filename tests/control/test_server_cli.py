@@ -93,7 +93,7 @@ async def test_list_human(ctl: tuple[FakeTarget, ControlServer]) -> None:
     rc, out, err = await cli(server, "list")
     assert (rc, err) == (EXIT_OK, "")
     lines = out.splitlines()
-    assert lines[0] == "PHB 0 (phb3, kvm-strict, pages 4K 64K 2M 16M)"
+    assert lines[0] == "PHB 0 (phb3, kvm-strict, pages 4K 64K 2M 16M, dma_fault freeze)"
     assert lines[1] == "\\-PE 0 domain0-pe0 [normal] container"
     assert lines[2].startswith(
         f"  \\-00:00.0 pf0 (pf, 0/4 VFs) {target.sock_dir}/pf0.sock client pid 4242 uid 0 since "

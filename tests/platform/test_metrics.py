@@ -37,7 +37,7 @@ async def scrape(d: Daemon) -> str:
 
 async def test_metrics_follow_dma_faults_and_clients(tmp_path: Path) -> None:
     parsed = config.parse(
-        '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
+        '[[phb]]\nindex = 0\nwindow_policy = "flat"\ndma_fault = "freeze"\n'
         '[[function]]\nname = "t"\npersonality = "testdev"\n'
         f'[[function]]\nname = "n"\npersonality = "nvme"\nbacking = "{tmp_path}/n.img"\n'
         'size = "1M"\n',
@@ -62,6 +62,7 @@ async def test_metrics_follow_dma_faults_and_clients(tmp_path: Path) -> None:
             assert sample(text, "vfiod_function_dma_unmaps_total", function="t") == 1
             assert sample(text, "vfiod_function_dma_mapped_bytes", function="t") == 3 * 0x1000
             assert sample(text, "vfiod_pe_freezes_total", function="t") == 1
+            assert sample(text, "vfiod_pe_dma_faults_total", function="t") == 1
             assert sample(text, "vfiod_pe_eeh_state", function="t") == 2
             assert sample(text, "vfiod_pe_tces_in_use", function="t") == 3
             assert sample(text, "vfiod_client_locked_bytes") >= MiB

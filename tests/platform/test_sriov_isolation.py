@@ -23,9 +23,10 @@ MiB = 1 << 20
 EEH_STOPPED = 2
 
 
-def pf_config(tmp_path: Path, totalvfs: int = 4, numvfs: int = 0) -> config.Config:
+def pf_config(tmp_path: Path, totalvfs: int = 4, numvfs: int = 0,
+              dma_fault: str = "freeze") -> config.Config:  # fmt: skip
     parsed = config.parse(
-        '[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
+        f'[[phb]]\nindex = 0\nwindow_policy = "flat"\ndma_fault = "{dma_fault}"\n'
         f'[[function]]\nname = "pf0"\npersonality = "testdev"\ntotalvfs = {totalvfs}\n'
         f"numvfs = {numvfs}\n",
         "test",
@@ -215,4 +216,31 @@ async def test_too_many_vfs_for_the_client_limit_is_refused_cleanly(tmp_path: Pa
                 ram = dev.guest_memory(MiB)
                 await dev.dma_map_memory(ram, 0)
         assert info.value.errno in (errno.ENOMEM, errno.EBUSY)
+        nursery.cancel_scope.cancel()
+
+
+async def test_error_policy_a_fault_fails_the_dma_and_the_vf_goes_on(tmp_path: Path) -> None:
+    """A flat PHB's default: a DMA fault fails that DMA only (the test device reports it), the PE
+    stays running (no EEH for an x86 guest to recover), the other VF never notices."""
+    parsed = config.parse('[[phb]]\nindex = 0\nwindow_policy = "flat"\n'
+                          '[[function]]\nname = "pf0"\npersonality = "testdev"\n'
+                          "totalvfs = 2\nnumvfs = 2\n", "test")
+    d = Daemon(config.Config(tmp_path, parsed.functions, phbs=parsed.phbs))
+    assert d.host.phbs[0].phb.dma_fault == "error"
+    iova = 0x4000_0000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        slot = d.host.slot("pf0-vf0")
+        async with client.connect(slot.endpoint.path) as dev:
+            ram = dev.guest_memory(MiB)
+            await dev.dma_map_memory(ram, iova)
+            await bus_master(dev)
+            snapshot = ram.read(0, MiB)
+            status = await program_dma(dev, td.CMD_FILL, 0, iova + MiB - 32, 64)  # runs off
+            assert status & td.STATUS_FAULT
+            assert ram.read(0, MiB) == snapshot  # nothing written, not even the mapped half
+            assert slot.pe.eeh_state == 0 and slot.pe.fault_count == 1
+            assert from_little(await dev.region_read(td.REGS_BAR, td.REG_ID, 4)) == td.ID_VALUE
+            assert await program_dma(dev, td.CMD_FILL, 0, iova, 64) == td.STATUS_DONE
+            assert ram.read(0, 64) == b"\xa5" * 64
         nursery.cancel_scope.cancel()

@@ -104,9 +104,11 @@ def render_inventory(inv: dict[str, Any], out: TextIO) -> None:
         out.write("no PHBs\n")
     for phb in phbs:
         pages = " ".join(fmt_bytes(p) for p in phb.get("page_sizes", []))
+        policies = "".join(f", {key} {phb[key]}" for key in ("window_policy", "dma_fault")
+                           if key in phb)  # fmt: skip
         out.write(
             f"PHB {phb.get('index')} ({phb.get('model', 'phb')}, {phb.get('hcall_mode')}, "
-            f"pages {pages or '-'})\n"
+            f"pages {pages or '-'}{policies})\n"
         )
         pes = phb.get("pes", [])
         if not pes:
