@@ -685,7 +685,8 @@ async def fuzz(directory: Path, messages: int, seed: int, workers: int = 2,
             m: sum(daemon.metric(f"vfiod_{m}", n) for n in names) if alive else -1.0
             for m in ("function_sessions_total", "function_refused_total",
                       "function_errors_total", "function_dma_maps_total",
-                      "function_dma_unmaps_total", "pe_freezes_total")
+                      "function_dma_unmaps_total", "pe_freezes_total",
+                      "pe_dma_faults_total")
         }
         by.send_signal(signal.SIGTERM)
         with trio.fail_after(30):

@@ -28,5 +28,5 @@ async def test_100k_hostile_messages_leave_nothing_behind(tmp_path: Path) -> Non
     # the fuzz reached deep states, not just the framing
     counters = report.daemon_counters
     assert counters["function_dma_maps_total"] > 100, context
-    assert counters["pe_freezes_total"] > 0, context
+    assert counters["pe_dma_faults_total"] > 0, context  # frozen or not: the PHB's dma_fault
     assert counters["function_sessions_total"] > 20, context
