@@ -112,7 +112,6 @@ struct vfu_session {
     uint32_t max_xfer;
     uint32_t max_msg;
     uint32_t batch;
-    uint64_t spin_ns;
     uint32_t stall_ms;
     struct vfiod_pe_dma *dma;
     struct vfu_range ranges[16];

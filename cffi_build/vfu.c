@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "vfu.h"
@@ -370,26 +369,9 @@ static long process(struct vfu_session *s, int block)
     return 0;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 static long sleep_readable(struct vfu_session *s)
 {
     struct pollfd p[2] = {{s->sock, POLLIN, 0}, {s->wake_fd, POLLIN, 0}};
-    if (s->spin_ns) {
-        const uint64_t until = now_ns() + s->spin_ns;
-        do {
-            int n = poll(p, 2, 0);
-            if (n > 0)
-                return (p[1].revents & POLLIN) ? VFU_STOPPED : 0;
-            if (n < 0 && errno != EINTR)
-                return -errno;
-        } while (now_ns() < until);
-    }
     s->sleeps++;
     if (poll(p, 2, -1) < 0 && errno != EINTR)
         return -errno;

@@ -57,7 +57,6 @@ struct vfu_session {
     uint32_t max_xfer;              /* max_data_xfer_size */
     uint32_t max_msg;               /* largest acceptable message */
     uint32_t batch;                 /* replies sent at least every this many messages */
-    uint64_t spin_ns;               /* poll without sleeping this long before a blocking poll */
     uint32_t stall_ms;              /* a blocking send gives a peer that does not read back to
                                      * the session this often (it checks the peer still exists) */
     uint8_t *rbuf;

@@ -65,7 +65,6 @@ class FastEngine:
         self._s = raw
         self._keep: list[Any] = []  # buffers the C side points into
         s = raw
-        s.spin_ns = int(os.environ.get("VFIOD_SPIN_NS_EXPERIMENT", "0"))
         s.stall_ms = max(1, int(transport.SEND_STALL_CHECK * 1000))
         if dma_view is not None:
             s.dma = dma_view
