@@ -89,7 +89,6 @@ int vfiod_pe_dma_unmap(struct vfiod_pe_dma *d, uint64_t iova, uint64_t size);
 #define VFU_PUNT 1
 #define VFU_NEED_DATA 2
 #define VFU_EOF 3
-#define VFU_STOPPED 4
 #define VFU_WANT_WRITE 5
 #define VFU_CTRUNC 6
 #define VFU_RANGE_CONFIG 1
@@ -108,7 +107,7 @@ struct vfu_range {
 };
 
 struct vfu_session {
-    int sock, wake_fd;
+    int sock;
     uint32_t max_xfer;
     uint32_t max_msg;
     uint32_t batch;
@@ -122,12 +121,13 @@ struct vfu_session {
     ...;
 };
 
-struct vfu_session *vfu_new(int sock, int wake_fd, uint32_t max_xfer, uint32_t max_msg);
+struct vfu_session *vfu_new(int sock, uint32_t max_xfer, uint32_t max_msg);
 void vfu_free(struct vfu_session *s);
 int vfu_feed(struct vfu_session *s, const uint8_t *data, uint64_t n, const int *fds,
              uint32_t nfds);
 long vfu_run(struct vfu_session *s, int block);
 long vfu_flush(struct vfu_session *s);
+void vfu_wake(struct vfu_session *s);
 uint64_t vfu_buffered(const struct vfu_session *s);
 const uint8_t *vfu_data(const struct vfu_session *s);
 uint32_t vfu_mark_count(const struct vfu_session *s);

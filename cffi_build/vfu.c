@@ -32,13 +32,12 @@ struct hdr {
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-struct vfu_session *vfu_new(int sock, int wake_fd, uint32_t max_xfer, uint32_t max_msg)
+struct vfu_session *vfu_new(int sock, uint32_t max_xfer, uint32_t max_msg)
 {
     struct vfu_session *s = calloc(1, sizeof(*s));
     if (!s)
         return NULL;
     s->sock = sock;
-    s->wake_fd = wake_fd;
     s->max_xfer = max_xfer;
     s->max_msg = max_msg;
     s->batch = 64;
@@ -180,23 +179,18 @@ static long send_all(struct vfu_session *s, int block)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd p[2] = {{s->sock, POLLOUT, 0}, {s->wake_fd, POLLIN, 0}};
-            if (!block) {
+            struct pollfd p = {s->sock, POLLOUT, 0};
+            int n = block ? poll(&p, 1, s->stall_ms ? (int)s->stall_ms : -1) : 0;
+            if (n < 0 && errno != EINTR)
+                return -errno;
+            if (n == 0) {
+                /* non-blocking, or a peer that has not read for a while: the session decides
+                 * (it checks whether the peer process still exists, and waits on) */
                 memmove(s->sbuf, s->sbuf + done, s->slen - done);
                 s->slen -= done;
                 return VFU_WANT_WRITE;
             }
-            int n = poll(p, 2, s->stall_ms ? (int)s->stall_ms : -1);
-            if (n < 0 && errno != EINTR)
-                return -errno;
-            if (n == 0 || (p[1].revents & POLLIN)) {
-                /* woken, or a peer that has not read for a while: the session decides (it
-                 * checks whether the peer process still exists, and waits on) */
-                memmove(s->sbuf, s->sbuf + done, s->slen - done);
-                s->slen -= done;
-                return n == 0 ? VFU_WANT_WRITE : VFU_STOPPED;
-            }
-            continue;
+            continue; /* room, or a hang-up (vfu_wake): the send says which */
         }
         return n < 0 ? -errno : -EPIPE;
     }
@@ -369,17 +363,19 @@ static long process(struct vfu_session *s, int block)
     return 0;
 }
 
+/* Sleep until the socket is readable, hung up or shut down (vfu_wake): the read says which. */
 static long sleep_readable(struct vfu_session *s)
 {
-    struct pollfd p[2] = {{s->sock, POLLIN, 0}, {s->wake_fd, POLLIN, 0}};
+    struct pollfd p = {s->sock, POLLIN, 0};
     s->sleeps++;
-    if (poll(p, 2, -1) < 0 && errno != EINTR)
+    if (poll(&p, 1, -1) < 0 && errno != EINTR)
         return -errno;
-    return (p[1].revents & POLLIN) ? VFU_STOPPED : 0;
+    return 0;
 }
 
-/* One recvmsg into the buffer: 0 (bytes arrived), or VFU_EOF, VFU_NEED_DATA, VFU_STOPPED,
- * VFU_CTRUNC, VFU_PUNT (no room for more fd batches: the session reads on), -errno.
+/* One recvmsg into the buffer: 0 (bytes arrived), or VFU_EOF (also after vfu_wake),
+ * VFU_NEED_DATA, VFU_CTRUNC, VFU_PUNT (no room for more fd batches: the session reads on),
+ * -errno.
  * sleep_first: the peer waits for our replies, so a read now would only fail. */
 static long receive(struct vfu_session *s, int block, int sleep_first)
 {
@@ -450,8 +446,6 @@ static long receive(struct vfu_session *s, int block, int sleep_first)
     }
 }
 
-/* The session drains the wake eventfd before a blocking run, never this function: a wake
- * written while the run starts must stop it. */
 long vfu_run(struct vfu_session *s, int block)
 {
     for (;;) {
@@ -488,3 +482,7 @@ long vfu_run(struct vfu_session *s, int block)
             return rc;
     }
 }
+
+/* End a blocking run from another thread: its poll returns and its read sees EOF (a send, an
+ * error). For a session that is going away: the socket carries nothing more. */
+void vfu_wake(struct vfu_session *s) { shutdown(s->sock, SHUT_RDWR); }

@@ -12,8 +12,8 @@
  * send the same streams both ways and compare replies and state.
  *
  * The engine runs either non-blocking inside the session's task, or blocking in a thread the
- * session's nursery owns (the GIL released), until a punt, EOF, an error, or the session's wake
- * eventfd. It never calls Python.
+ * session's nursery owns (the GIL released), until a punt, EOF, an error, or vfu_wake() from a
+ * session that is going away. It never calls Python.
  */
 #ifndef VFIOD_VFU_H
 #define VFIOD_VFU_H
@@ -26,7 +26,6 @@
 #define VFU_PUNT 1        /* the message at the head of the buffer is the session's */
 #define VFU_NEED_DATA 2   /* non-blocking: nothing more to read now */
 #define VFU_EOF 3         /* the peer closed the stream (the buffer may hold a partial message) */
-#define VFU_STOPPED 4     /* the wake eventfd was signalled */
 #define VFU_WANT_WRITE 5  /* non-blocking: replies are waiting for room in the socket */
 #define VFU_CTRUNC 6      /* the peer sent more fds than one recvmsg takes (all closed) */
 
@@ -53,7 +52,7 @@ struct vfu_mark {
 };
 
 struct vfu_session {
-    int sock, wake_fd;
+    int sock;
     uint32_t max_xfer;              /* max_data_xfer_size */
     uint32_t max_msg;               /* largest acceptable message */
     uint32_t batch;                 /* replies sent at least every this many messages */
@@ -76,12 +75,13 @@ struct vfu_session {
     uint64_t punts, sleeps;
 };
 
-struct vfu_session *vfu_new(int sock, int wake_fd, uint32_t max_xfer, uint32_t max_msg);
+struct vfu_session *vfu_new(int sock, uint32_t max_xfer, uint32_t max_msg);
 void vfu_free(struct vfu_session *s);
 int vfu_feed(struct vfu_session *s, const uint8_t *data, uint64_t n, const int *fds,
              uint32_t nfds);
 long vfu_run(struct vfu_session *s, int block);
 long vfu_flush(struct vfu_session *s);
+void vfu_wake(struct vfu_session *s);
 uint64_t vfu_buffered(const struct vfu_session *s);
 const uint8_t *vfu_data(const struct vfu_session *s);
 uint32_t vfu_mark_count(const struct vfu_session *s);

@@ -288,17 +288,19 @@ class Session:
                 await self.channel.wait_readable()
             elif rc == fastpath.WANT_WRITE:
                 await self.channel.wait_writable()
-            elif rc == fastpath.STOPPED:
-                await trio.lowlevel.checkpoint()  # a cancellation woke it: deliver it here
             else:
                 return rc  # PUNT, EOF, CTRUNC
 
     async def _run_blocking(self, engine: fastpath.FastEngine) -> int:
-        """One blocking run in a thread this session owns; cancelling the session wakes it."""
-        engine.rearm()
+        """One blocking run in a thread this session owns; cancelling the session (it is going
+        away) wakes it."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wake_when_cancelled, engine)
-            rc = await trio.to_thread.run_sync(engine.run, True, limiter=self._limiter)
+            engine.running = True
+            try:
+                rc = await trio.to_thread.run_sync(engine.run, True, limiter=self._limiter)
+            finally:
+                engine.running = False
             nursery.cancel_scope.cancel()
         return int(rc)
 
