@@ -70,6 +70,9 @@ struct vfiod_dma_file {
     uint64_t vaddr;
     uint64_t size;
     uint32_t writable;
+    int32_t fd;
+    uint8_t *mem;
+    uint32_t sealed;
 };
 
 struct vfiod_pe_dma {
@@ -80,11 +83,33 @@ struct vfiod_pe_dma {
     uint64_t maps_total;
     uint64_t unmaps_total;
     const struct vfiod_eeh_flags *eeh;
+    ...;
 };
 
+struct vfiod_dma_piece {
+    uint32_t file;
+    uint64_t off, len;
+};
+
+struct iovec {
+    void *iov_base;
+    size_t iov_len;
+};
+
+int vfiod_dma_file_sealed(int fd);
+void vfiod_pe_dma_init(struct vfiod_pe_dma *d);
+void vfiod_pe_dma_lock(struct vfiod_pe_dma *d);
+void vfiod_pe_dma_unlock(struct vfiod_pe_dma *d);
 int vfiod_pe_dma_map(struct vfiod_pe_dma *d, uint64_t iova, uint64_t size, uint64_t offset,
                      uint32_t prot, int fd);
 int vfiod_pe_dma_unmap(struct vfiod_pe_dma *d, uint64_t iova, uint64_t size);
+long vfiod_pe_dma_pieces(const struct vfiod_pe_dma *d, uint64_t iova, uint64_t len, int write,
+                         struct vfiod_dma_piece *out, long n, long max);
+long vfiod_pe_dma_iovecs(const struct vfiod_pe_dma *d, const struct vfiod_dma_piece *p, long n,
+                         struct iovec *out);
+int vfiod_pe_dma_read(const struct vfiod_pe_dma *d, uint64_t iova, void *buf, uint64_t len);
+int vfiod_pe_dma_write(const struct vfiod_pe_dma *d, uint64_t iova, const void *buf,
+                       uint64_t len);
 
 #define VFU_PUNT 1
 #define VFU_NEED_DATA 2
