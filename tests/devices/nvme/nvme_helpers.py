@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import struct
@@ -67,17 +68,21 @@ class GuestRam:
     controller gets; ``peek``/``poke`` work on the memfd, never through the DMA view."""
 
     def __init__(
-        self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0
-    ) -> None:
-        self.memfd = os.memfd_create("nvme-guest", os.MFD_CLOEXEC)
+        self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0,
+        dma_fault: str = "freeze", sealed: bool = False,
+    ) -> None:  # fmt: skip
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0)
+        self.memfd = os.memfd_create("nvme-guest", flags)
         os.ftruncate(self.memfd, size)
+        if sealed:  # as QEMU's memory-backend-memfd does: the C mover then uses memcpy
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.npages = size // PAGE
         self.pages = list(range(self.npages))
         if scramble:
             random.Random(seed).shuffle(self.pages)
         self.view: Any
         if pe:
-            self.phb = spapr.Phb(index=0)
+            self.phb = spapr.Phb(index=0, dma_fault=dma_fault)
             self.pe: spapr.Pe | None = self.phb.new_pe()
             self.view = PeDma(self.phb, self.pe, ClientMemory(spapr.Client()))
         else:
