@@ -307,18 +307,21 @@ class Host:
         return cqe, self.dma.peek(buf, 4096)
 
     def create_io_queue(
-        self, qid: int, depth: int = 64, vector: int | None = None, ien: bool = True
-    ) -> None:
-        pages = (depth * 64 + PAGE - 1) // PAGE
-        cq, sq = self.alloc(pages), self.alloc(pages)
+        self, qid: int, depth: int = 64, vector: int | None = None, ien: bool = True,
+        cq_depth: int | None = None,
+    ) -> None:  # fmt: skip
+        cq_depth = depth if cq_depth is None else cq_depth
+        cq = self.alloc((cq_depth * 16 + PAGE - 1) // PAGE)
+        sq = self.alloc((depth * 64 + PAGE - 1) // PAGE)
         vec = qid if vector is None else vector
         r = self.admin(
-            0x05, prp1=cq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (int(ien) << 1) | (vec << 16)
-        )
+            0x05, prp1=cq, cdw10=qid | ((cq_depth - 1) << 16),
+            cdw11=1 | (int(ien) << 1) | (vec << 16),
+        )  # fmt: skip
         assert r.sc == 0, hex(r.status)
         r = self.admin(0x01, prp1=sq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16))
         assert r.sc == 0, hex(r.status)
-        self.queues[qid] = HostQueue(qid, sq, cq, depth, depth)
+        self.queues[qid] = HostQueue(qid, sq, cq, depth, cq_depth)
 
     def rw(
         self,

@@ -648,12 +648,12 @@ class QueueEngine:
         lib, c = mover.lib, mover.c
         if c.nexc:
             self._service_exceptions()  # completions C left for us go before new ones
-        room_given = False
+        room_at = -1  # the SQ head when _room last found room
         while True:
             rc = lib.vfiod_nvme_drain(c, sq.qid)
-            if rc == C_ROOM and room_given:  # C and _room disagree on "full": never spin
+            if rc == C_ROOM and room_at == sq.head:  # C and _room disagree: never spin
                 raise AssertionError(f"SQ {sq.qid}: the C mover sees no room _room found")
-            room_given = False
+            room_at = -1
             if rc == C_DONE or rc == C_GONE:
                 return False
             if rc == C_STALLED:
@@ -678,7 +678,7 @@ class QueueEngine:
                 if not self._room(cq):
                     lib.vfiod_nvme_drop_run(c)
                     return True
-                room_given = True
+                room_at = sq.head
             else:  # pragma: no cover - a result this file does not know
                 raise AssertionError(f"vfiod_nvme_drain returned {rc}")
             if self.halted or self._sqs.get(sq.qid) is not sq:
