@@ -120,8 +120,11 @@ int vfiod_pe_dma_write(const struct vfiod_pe_dma *d, uint64_t iova, const void *
 #define VFU_RANGE_CONFIG 1
 #define VFU_RANGE_RO 2
 #define VFU_RANGE_RAM 3
+#define VFU_RANGE_HOOK 4
 #define VFU_MAX_RANGES 16
 #define VFU_RECV_FDS 64
+
+typedef int (*vfu_hook_fn)(void *ctx, uint64_t offset, const uint8_t *data, uint32_t count);
 
 struct vfu_range {
     uint32_t region;
@@ -130,6 +133,8 @@ struct vfu_range {
     uint8_t *data;
     const uint8_t *wmask, *w1cmask;
     const uint8_t *hooked;
+    vfu_hook_fn hook;
+    void *ctx;
 };
 
 struct vfu_session {

@@ -123,7 +123,7 @@ from vfiod.pci.caps import MSI_MAX_VECTORS
 from vfiod.pci.config import BarKind, BarSpec
 from vfiod.pci.dma import DmaFault, DmaSpace
 from vfiod.pci.function import PciFunction
-from vfiod.pci.region import DwordRegisters, Region
+from vfiod.pci.region import DwordRegisters, FastRange, Region
 
 log = logging.getLogger(__name__)
 
@@ -431,14 +431,14 @@ class NvmeController(PciFunction):
         it stops the workers, which finish every command in flight first, so no iovec into
         guest RAM outlives the session's DMA view."""
         cm = self._cmover
-        if cm is None or self.workers <= 0:
+        if cm is None:
             return
         lib, c = cm.lib, cm.c
-        limiter = trio.CapacityLimiter(self.workers)
+        limiter = trio.CapacityLimiter(max(1, self.workers))
         lib.vfiod_nvme_start(c)
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(self.workers):
+                for _ in range(self.workers):  # 0: every command runs where its doorbell does
                     nursery.start_soon(_worker, lib.vfiod_nvme_worker, c, limiter)
                 nursery.start_soon(self._serve_python)
                 try:
@@ -469,6 +469,18 @@ class NvmeController(PciFunction):
         else:
             self.irq.fire_pending()
         self.collect()
+
+    def fast_ranges(self) -> list[FastRange]:
+        """Config space, and the doorbell page as a hook: the session fast path runs an I/O
+        queue's doorbell write in C (``vfiod_nvme_doorbell_hook``), punting what C cannot do
+        completely (the admin queue, commands for Python, any doubt) to region_write."""
+        ranges = super().fast_ranges()
+        cm = self._cmover
+        if cm is not None:
+            hook = cm.ffi.addressof(cm.lib, "vfiod_nvme_doorbell_hook")
+            ranges.append(FastRange(0, DOORBELL_BASE, bytearray(), "hook", hook=hook,
+                                    hook_ctx=cm.c, hook_size=DOORBELL_SIZE))  # fmt: skip
+        return ranges
 
     # ---- state ------------------------------------------------------------------------------
 
