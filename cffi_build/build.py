@@ -262,6 +262,7 @@ struct vfiod_nvme {
     uint32_t workers;
     uint64_t inflight;
     uint64_t jobs_async;
+    uint64_t hooked;
     uint32_t nexc;
     ...;
 };

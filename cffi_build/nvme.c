@@ -823,8 +823,11 @@ int vfiod_nvme_doorbell_hook(void *ctx, uint64_t offset, const uint8_t *data, ui
         return 1;
     pthread_mutex_lock(&nv->lock);
     rc = vfiod_nvme_doorbell(nv, offset, ld32(data));
-    if (rc == VFIOD_NVME_DONE && nv->irq && nv->irq->npending)
-        notify(nv, 0); /* vectors Python must fire */
+    if (rc == VFIOD_NVME_DONE) {
+        nv->hooked++;
+        if (nv->irq && nv->irq->npending)
+            notify(nv, 0); /* vectors Python must fire */
+    }
     pthread_mutex_unlock(&nv->lock);
     return rc == VFIOD_NVME_DONE ? 0 : 1;
 }

@@ -124,6 +124,7 @@ struct vfiod_nvme {
     uint32_t workers;     /* running */
     uint64_t inflight;    /* commands with the workers */
     uint64_t jobs_async;  /* commands the workers ran */
+    uint64_t hooked;      /* doorbell writes the session fast path's hook did */
     uint32_t nexc;        /* exceptions waiting */
     /* the run of fetched entries, the job queue, the exceptions, the locks: in nvme.c */
     struct vfiod_nvme_private *priv;

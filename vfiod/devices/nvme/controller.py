@@ -425,6 +425,12 @@ class NvmeController(PciFunction):
         cm = self._cmover
         return int(cm.c.jobs_async) if cm is not None else 0
 
+    @property
+    def hooked_doorbells(self) -> int:
+        """Doorbell writes the session fast path did through the C hook (no Python)."""
+        cm = self._cmover
+        return int(cm.c.hooked) if cm is not None else 0
+
     async def background(self) -> None:
         """While a client is attached: the C data mover's workers (threads of the session's
         nursery, the GIL released) and the task that does what C leaves for Python. Cancelled,
