@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -276,20 +277,24 @@ class CMover:
         self.lib = module.lib
         self.c = struct
         self._exc = self.ffi.new("struct vfiod_nvme_exc *")
-        self._depth = 0  # how deep Python holds the lock (it runs on one thread)
+        self._owner = 0  # the Python thread holding the lock (the daemon's: the trio thread)
+        self._depth = 0  # how deep it holds it
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the structure's lock (C threads post completions and run doorbells); taken
         once per outermost caller (admin commands nest calls inside a batch)."""
-        if not self._depth:
-            self.lib.vfiod_nvme_lock(self.c)
+        me = threading.get_ident()
+        if self._owner != me:
+            self.lib.vfiod_nvme_lock(self.c)  # the GIL is released while it waits
+            self._owner = me
         self._depth += 1
         try:
             yield
         finally:
             self._depth -= 1
             if not self._depth:
+                self._owner = 0
                 self.lib.vfiod_nvme_unlock(self.c)
 
     def take(self) -> tuple[int, int, int, int, int, bytes] | None:
