@@ -19,6 +19,7 @@ from bench import (
     layer_bench,
     message_bench,
     nvme_bench,
+    nvme_vf_bench,
     protocol_bench,
     spapr_bench,
     vfio_user_bench,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     results["protocol"] = protocol_bench.run()
     print("sPAPR TCE fast path (cffi vs Python twin)...", flush=True)
     results["spapr_tce"] = spapr_bench.run(min_time=0.1 if args.quick else 0.5)
-    print("NVMe data path in-process (zero-copy vs copy)...", flush=True)
+    print("NVMe data path in-process (Python vs the C mover) and two VFs...", flush=True)
     results["nvme_inprocess"] = nvme_bench.run(min_time=0.1 if args.quick else 0.5)
     if not args.no_guests:
         print("NVMe in real guests (vfiod VF vs QEMU's in-process NVMe; pseries DDW vs "
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  in-process, two VFs at once over one VF (two threads | one thread): " + ", ".join(
         f"{k} {two[k]['two_vfs_two_threads']['over_one_vf']:.2f}x | "
         f"{two[k]['two_vfs_one_thread']['over_one_vf']:.2f}x" for k in ("read_4k", "read_1m")))
+    for line in nvme_vf_bench.lines(results["nvme_inprocess"].get("two_vfs_daemon", {})):
+        print(line)
     return 0
 
 

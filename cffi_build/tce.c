@@ -12,7 +12,7 @@
 
 #include "tce.h"
 
-#define VFIOD_TCE_ABI 4
+#define VFIOD_TCE_ABI 5
 #define NODE_MASK (VFIOD_TCE_LEAF_ENTRIES - 1)
 #define MAX_LEAF_ID ((uint64_t)1 << (VFIOD_TCE_LEAF_SHIFT * VFIOD_TCE_DIR_LEVELS))
 #define TCE_PERM 3ULL

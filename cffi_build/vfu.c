@@ -255,7 +255,8 @@ static int handle(struct vfu_session *s, const uint8_t *m, const struct hdr *h, 
         uint8_t *p;
         if (h->size != HDR + 16 || nfds || count > s->max_xfer || count > READ_MAX)
             return VFU_PUNT;
-        if (!blocked(s, region) && !(r = find_range(s, region, offset, count)))
+        if (!blocked(s, region) &&
+            (!(r = find_range(s, region, offset, count)) || r->kind == VFU_RANGE_HOOK))
             return VFU_PUNT;
         if (no_reply)
             break; /* answered by nobody, as the session does */
@@ -286,6 +287,11 @@ static int handle(struct vfu_session *s, const uint8_t *m, const struct hdr *h, 
             r = find_range(s, region, offset, count);
             if (!r || r->kind == VFU_RANGE_RO)
                 return VFU_PUNT;
+            if (r->kind == VFU_RANGE_HOOK) {
+                if (r->hook(r->ctx, offset - r->offset, src, count))
+                    return VFU_PUNT; /* the function does it, message untouched */
+                break;
+            }
             dst = r->data + (offset - r->offset);
             if (r->kind == VFU_RANGE_CONFIG) {
                 const uint64_t at = offset - r->offset;

@@ -4,8 +4,9 @@
  * A session's stream has one owner at a time. While the trio session (vfiod/server/session.py)
  * hands it to this engine, the engine reads the socket, handles the common case of DMA_MAP,
  * DMA_UNMAP (through the PE's C DMA view, pe_dma.h), REGION_READ and REGION_WRITE (of ranges the
- * function marked simple: config space without write hooks, read-only or plain registers) and
- * writes the replies, in order. The first message it does not handle completely it leaves,
+ * function marked simple: config space without write hooks, read-only or plain registers; and
+ * REGION_WRITE of ranges whose writes a C hook of the function handles, such as NVMe
+ * doorbells) and writes the replies, in order. The first message it does not handle completely it leaves,
  * untouched, at the head of its buffer and returns VFU_PUNT: the session takes the whole buffer
  * back (bytes and fds, with their attribution) and handles it exactly as it always does, like
  * KVM's real-mode handlers answer H_TOO_HARD. The Python session is the reference; the tests
@@ -32,6 +33,13 @@
 #define VFU_RANGE_CONFIG 1 /* config space: masked writes, bytes with hooks punt */
 #define VFU_RANGE_RO 2     /* read-only bytes the function keeps current; writes punt */
 #define VFU_RANGE_RAM 3    /* plain memory: reads and writes */
+#define VFU_RANGE_HOOK 4   /* writes go to the function's C hook (0: done; else punt); reads punt */
+
+/* A function's C handler for writes to a hook range: offset from the range's start. It does
+ * the write completely and returns 0, or returns nonzero having done nothing the function's
+ * region_write would not redo, and the message is punted untouched. (The NVMe doorbell page:
+ * cffi_build/nvme.h vfiod_nvme_doorbell_hook.) */
+typedef int (*vfu_hook_fn)(void *ctx, uint64_t offset, const uint8_t *data, uint32_t count);
 
 #define VFU_MAX_RANGES 16
 #define VFU_RECV_FDS 64
@@ -43,6 +51,8 @@ struct vfu_range {
     uint8_t *data;                  /* the function's bytes for [offset, offset + size) */
     const uint8_t *wmask, *w1cmask; /* config: writable and write-1-to-clear bits per byte */
     const uint8_t *hooked;          /* config: nonzero where a write must reach a hook */
+    vfu_hook_fn hook;               /* hook: the handler and its context */
+    void *ctx;
 };
 
 struct vfu_mark {

@@ -230,12 +230,20 @@ class PciFunction:
         self.seal()
         self.irq.reset()
         self.config.reset()
+        self.irq.sync_mirror()  # MSI and MSI-X enables were in config space
         for region in self.bars.values():
             region.reset()
         self.on_reset()
 
     def attach_dma(self, dma: DmaSpace) -> None:
         self.dma = dma
+
+    async def background(self) -> None:
+        """Work the function does on its own while a client is attached (the session runs
+        this in its nursery after attach_dma, and cancels it and waits for it before it resets
+        the function and closes the DMA view). Threads a function needs are started here, so
+        that a nursery owns them; most functions need none."""
+        return None
 
     def fast_ranges(self) -> list[FastRange]:
         """What the session may serve itself (see :class:`FastRange`): config space, whose

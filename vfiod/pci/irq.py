@@ -17,6 +17,12 @@ Rules (spec section 2.7, pitfalls 7 and 10, lab notes):
   eventfd is installed and no SET_IRQS MASK holds it; otherwise it is remembered as pending and
   delivered on fd install / unmask, like an MSI-X vector (the cap has no per-vector masks).
 
+A C mirror (``mirror``, cffi_build/irq.h) lets C threads (the NVMe data mover's completions)
+raise message vectors without Python: for each vector, a duplicate of the eventfd to signal when
+the vector can be delivered right now, kept current here after every change of fds, masks,
+enables and the INTx level. What C cannot deliver it records as pending, and the function fires
+it here (:meth:`IrqController.fire_pending`), so PBA and pending bits stay this class's.
+
 MSI-X irq info advertises EVENTFD only: without MASKABLE QEMU handles guest masking itself (the
 path proven against QEMU), and without NORESIZE it adds vectors one by one instead of tearing
 all of them down. MASK/UNMASK are still honoured if sent.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from vfiod.pci.caps import MsiCap, MsixCap
 from vfiod.pci.config import ConfigSpace, einval
@@ -77,6 +84,20 @@ def _close(fd: int | None) -> None:
             os.close(fd)
 
 
+def _c_module() -> Any:
+    """The C module's (ffi, lib), or None without it (or with VFIOD_NO_CFFI=1)."""
+    if os.environ.get("VFIOD_NO_CFFI", "") not in ("", "0"):
+        return None
+    try:
+        from vfiod import _fast  # type: ignore[attr-defined]  # optional C extension
+    except ImportError:  # pragma: no cover - depends on the build
+        return None
+    return _fast if hasattr(_fast.lib, "vfiod_irq_init") else None
+
+
+MIRROR_VECTORS = 256  #: vectors the C mirror covers (cffi_build/irq.h)
+
+
 class _Index:
     """eventfds and explicit SET_IRQS masks of one IRQ index."""
 
@@ -84,12 +105,15 @@ class _Index:
         self.count = count
         self.fds: list[int | None] = [None] * count
         self.masked = [False] * count
+        #: bumped whenever a sub-index gets an fd: a new eventfd may reuse an old fd's number
+        self.gen = [0] * count
 
     def assign(self, sub: int, fd: int | None) -> None:
         old = self.fds[sub]
         if old is not None and old != fd:
             _close(old)
         self.fds[sub] = fd
+        self.gen[sub] += 1
 
     def clear(self) -> None:
         for i in range(self.count):
@@ -131,6 +155,14 @@ class IrqController:
         self.intx_automasked = False
         self.intx_unmask_fd: int | None = None
         config.add_hook(PCI_COMMAND, 2, self._on_command)
+        #: the C mirror (``struct vfiod_irq``), None without the C module
+        self.mirror: Any = None
+        self._c = _c_module()
+        self._pushed: list[tuple[int, int] | None] = [None] * MIRROR_VECTORS
+        self._pushed_mode = (-1, -1)
+        if self._c is not None:
+            self.mirror = self._c.ffi.new("struct vfiod_irq *")
+            self._c.lib.vfiod_irq_init(self.mirror)
 
     def attach_msix(self, msix: MsixCap) -> None:
         """Create the table/PBA handlers for an MSI-X cap (the function maps them in a BAR)."""
@@ -183,6 +215,67 @@ class IrqController:
             for fd in fds:
                 _close(fd)
             raise
+        finally:
+            self.sync_mirror()
+
+    # ---- the C mirror -------------------------------------------------------------------------
+
+    def _deliverable(self, vector: int) -> tuple[int, int] | None:
+        """(fd, generation) of the eventfd that raises ``vector`` right now, or None: what
+        fire_vector would signal without setting a pending bit."""
+        if self.msix_enabled:
+            slot = self._idx[IRQ_MSIX]
+            if vector < slot.count and self.msix_can_fire(vector):
+                fd = slot.fds[vector]
+                assert fd is not None
+                return fd, slot.gen[vector]
+            return None
+        if self.msi is not None and self.msi.enabled and vector < self.msi.vectors:
+            granted = self.msi.fold(vector)
+            slot = self._idx[IRQ_MSI]
+            fd = slot.fds[granted]
+            if fd is not None and not slot.masked[granted]:
+                return fd, slot.gen[granted]
+        return None
+
+    def sync_mirror(self) -> None:
+        """Tell the C mirror what can be delivered now (after any change of interrupt state)."""
+        m = self.mirror
+        if m is None:
+            return
+        lib = self._c.lib
+        self._sync_mode()
+        count = self.msix.vectors if self.msix is not None else 0
+        if self.msi is not None:
+            count = max(count, self.msi.vectors)
+        for v in range(min(count, MIRROR_VECTORS)):
+            key = self._deliverable(v)
+            if key != self._pushed[v]:
+                rc = lib.vfiod_irq_set(m, v, key[0] if key is not None else -1)
+                if rc < 0:
+                    raise OSError(-rc, os.strerror(-rc))
+                self._pushed[v] = key
+
+    def _sync_mode(self) -> None:
+        m = self.mirror
+        if m is None:
+            return
+        mode = (2 if self.msix_enabled else 1 if self.msi_enabled else 0, int(self.intx_level))
+        if mode != self._pushed_mode:
+            self._c.lib.vfiod_irq_set_mode(m, *mode)
+            self._pushed_mode = mode
+
+    def fire_pending(self) -> int:
+        """Fire the vectors C could not deliver (pending bits, or nothing when messages are
+        off); returns how many there were."""
+        m = self.mirror
+        if m is None or not m.npending:
+            return 0
+        buf = self._c.ffi.new("uint8_t[]", MIRROR_VECTORS)
+        n = int(self._c.lib.vfiod_irq_take(m, buf, MIRROR_VECTORS))
+        for i in range(n):
+            self.fire_vector(buf[i])
+        return n
 
     def _set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int]) -> None:
         if not 0 <= index < NUM_IRQS:
@@ -311,9 +404,11 @@ class IrqController:
 
     def _on_table_mask(self, vector: int) -> None:
         self._flush_msix()
+        self.sync_mirror()
 
     def _on_msix_control(self, old: int, new: int) -> None:
         self._flush_msix()
+        self.sync_mirror()
 
     @property
     def msix_enabled(self) -> bool:
@@ -348,6 +443,7 @@ class IrqController:
 
     def _on_msi_control(self, old: int, new: int) -> None:
         self._flush_msi()
+        self.sync_mirror()
 
     @property
     def msi_enabled(self) -> bool:
@@ -396,12 +492,14 @@ class IrqController:
         self.intx_level = True
         status = self.config.peek(PCI_STATUS, 2)
         self.config.poke(PCI_STATUS, 2, status | PCI_STATUS_INTERRUPT)
+        self._sync_mode()
         self._try_intx()
 
     def deassert_intx(self) -> None:
         self.intx_level = False
         status = self.config.peek(PCI_STATUS, 2)
         self.config.poke(PCI_STATUS, 2, status & ~PCI_STATUS_INTERRUPT)
+        self._sync_mode()
 
     def intx_unmask(self) -> None:
         """EOI from the client: clear the auto-mask and re-deliver if still asserted."""
@@ -428,10 +526,14 @@ class IrqController:
         if self.msix_table is not None:
             self.msix_table.reset()
         self.intx_level = False
+        self.sync_mirror()
 
     def close(self) -> None:
         for index in self._idx:
             self.disable(index)
+        if self.mirror is not None:
+            self._c.lib.vfiod_irq_close(self.mirror)
+            self._pushed = [None] * MIRROR_VECTORS
 
     def open_fds(self) -> list[int]:
         """Every fd currently owned (for leak checks)."""

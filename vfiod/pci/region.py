@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from vfiod.pci.config import einval
 from vfiod.pci.constants import (
@@ -59,19 +59,29 @@ class FastRange:
     space with per-byte write masks, where a write touching a ``hooked`` byte still goes to the
     function; ``"ro"`` is read-only bytes (writes go to the function); ``"ram"`` is plain memory.
     ``data`` must never be resized (same-length slice assignment is fine).
+
+    ``"hook"`` is ``hook_size`` bytes whose writes a C function of the function's handles:
+    ``hook`` (a cffi pointer to ``int (*)(void *ctx, uint64_t offset, const uint8_t *data,
+    uint32_t count)``, offset relative to the range) with ``hook_ctx``, run by the fast path
+    itself; it returns 0 when it did the write completely, or nonzero having done nothing the
+    function's ``region_write`` would not redo, and the write goes to the function as usual.
+    Reads of a hook range go to the function. ``data`` is unused (empty).
     """
 
     region: int
     offset: int
     data: bytearray
-    kind: str = "ro"  # "config" | "ro" | "ram"
+    kind: str = "ro"  # "config" | "ro" | "ram" | "hook"
     wmask: bytearray | None = None
     w1cmask: bytearray | None = None
     hooked: bytearray | None = None
+    hook: Any = None
+    hook_ctx: Any = None
+    hook_size: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return self.hook_size if self.kind == "hook" else len(self.data)
 
 
 @runtime_checkable

@@ -2,7 +2,8 @@
 
 The engine owns the session's stream while it runs: it reads the socket, handles the hot
 synchronous messages (DMA_MAP/DMA_UNMAP through the PE's C DMA view, REGION_READ/REGION_WRITE of
-the function's fast ranges) and writes their replies in order. The first message it does not
+the function's fast ranges, REGION_WRITE of its hook ranges through the function's C hook: the
+NVMe doorbells) and writes their replies in order. The first message it does not
 handle completely is left untouched and the engine *punts*: the session takes every buffered
 byte and fd back (with their attribution: ``take``), feeds them to its sans-I/O connection and
 handles them exactly as without the engine. Going the other way, ``feed`` hands the bytes the
@@ -37,7 +38,7 @@ EOF = 3
 WANT_WRITE = 5
 CTRUNC = 6
 
-_KINDS = {"config": 1, "ro": 2, "ram": 3}
+_KINDS = {"config": 1, "ro": 2, "ram": 3, "hook": 4}
 _MAX_RANGES = 16
 
 
@@ -75,6 +76,11 @@ class FastEngine:
             c.kind = _KINDS[r.kind]
             c.offset = r.offset
             c.size = r.size
+            if r.kind == "hook":  # the function's C handler (it keeps its context alive)
+                c.hook = ffi.cast("vfu_hook_fn", r.hook)
+                c.ctx = r.hook_ctx
+                self._keep.append(r.hook_ctx)
+                continue
             c.data = self._buffer(r.data)
             if r.kind == "config":
                 assert r.wmask is not None and r.w1cmask is not None and r.hooked is not None

@@ -166,6 +166,10 @@ class Session:
         try:
             self._start_engine()
             async with trio.open_nursery() as nursery:
+                # The function's own work while this client is attached (the NVMe data mover's
+                # workers): cancelled with the session and waited for here, so it ends before
+                # the function is reset and the DMA view closes.
+                nursery.start_soon(self.function.background)
                 try:
                     await self._serve()
                 except SessionEnded as exc:

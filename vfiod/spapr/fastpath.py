@@ -29,7 +29,7 @@ LEAF_ENTRIES = 1 << LEAF_SHIFT  # 512 entries = 4 KiB = one H_PUT_TCE_INDIRECT l
 _LEAF_MASK = LEAF_ENTRIES - 1
 _ZERO_LEAF = bytes(8 * LEAF_ENTRIES)
 MAX_LEAF_ID = 1 << (9 * 4)  # the C radix has four 9-bit directory levels
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 #: A translated piece before buffers are attached: (region index, offset in region, length).
 RawPiece = tuple[int, int, int]

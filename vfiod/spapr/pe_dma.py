@@ -46,6 +46,14 @@ window, invalid TCE, permission, frozen DMA) freezes the PE (EEH) before any byt
 client file that shrank freezes it too (short pread/pwrite, or EFAULT from the kernel during
 zero-copy I/O). Python never reads or writes the client's mmap itself, so a client that
 truncates its file gets a DMA fault, not a SIGBUS in the daemon.
+
+The C view (``c_view``, ``struct vfiod_pe_dma``) carries the same windows and files, with each
+file's fd and this process's address of its mapping, for the C paths: the session fast path
+maps and unmaps through it, and the NVMe data mover translates device DMA through it from other
+threads, answering TOO_HARD (touching nothing) wherever Python must decide. Its lock is held
+here around everything that changes windows or files or frees table nodes. The C mover loads
+and stores in a mapping itself only for a tmpfs memfd sealed against shrinking (QEMU's
+``memory-backend-memfd`` seals by default); any other file it touches through the kernel too.
 """
 
 from __future__ import annotations
@@ -56,7 +64,8 @@ import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +159,16 @@ class ClientFile:
     writable: bool
     mm: mmap.mmap | None
     refs: int = 0  # PeDma objects holding it
+    _address: int = 0  # of the mapping in this process, once asked
+
+    def address(self, ffi: Any) -> int:
+        """This process's address of the mapping (for the C data mover), valid while the file
+        is open; no buffer export is kept, so the mapping can still be closed."""
+        if not self._address and self.mm is not None:
+            buf = ffi.from_buffer(self.mm)
+            self._address = int(ffi.cast("uintptr_t", buf))
+            ffi.release(buf)
+        return self._address
 
     def close(self) -> None:
         if self.mm is not None:
@@ -249,6 +268,7 @@ class PeDma:
         impl = phb.impl
         if isinstance(impl, CffiFastPath):
             self.c_view = impl.ffi.new("struct vfiod_pe_dma *")
+            impl.lib.vfiod_pe_dma_init(self.c_view)
             if pe.eeh.mirror is not None:
                 self.c_view.eeh = pe.eeh.mirror
         self.closed = False
@@ -313,12 +333,34 @@ class PeDma:
             c.win[slot].page_shift = w.page_shift
             c.win[slot].store = store.ptr
         files = list(self._files.values())
+        impl = self.phb.impl
+        assert isinstance(impl, CffiFastPath)
         for i, f in enumerate(files):
-            c.files[i].dev, c.files[i].ino = f.key
-            c.files[i].vaddr = f.vaddr
-            c.files[i].size = f.size
-            c.files[i].writable = int(f.writable)
+            cf = c.files[i]
+            cf.dev, cf.ino = f.key
+            cf.vaddr = f.vaddr
+            cf.size = f.size
+            cf.writable = int(f.writable)
+            cf.fd = f.fd
+            cf.mem = impl.ffi.cast("uint8_t *", f.address(impl.ffi))
+            cf.sealed = int(bool(impl.lib.vfiod_dma_file_sealed(f.fd)))
         c.nfiles = len(files)
+
+    @contextmanager
+    def _c_locked(self) -> Iterator[None]:
+        """Hold the C view's lock: device DMA in other threads (the NVMe data mover) translates
+        through the windows and files this changes, and through table nodes it may free."""
+        c = self.c_view
+        if c is None:
+            yield
+            return
+        impl = self.phb.impl
+        assert isinstance(impl, CffiFastPath)
+        impl.lib.vfiod_pe_dma_lock(c)
+        try:
+            yield
+        finally:
+            impl.lib.vfiod_pe_dma_unlock(c)
 
     @property
     def c_null(self) -> Any:
@@ -330,6 +372,10 @@ class PeDma:
 
     def map(self, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None:
         """Apply one DMA_MAP. Takes ownership of ``fd`` whatever happens."""
+        with self._c_locked():
+            self._map(iova, size, offset, prot, fd)
+
+    def _map(self, iova: int, size: int, offset: int, prot: int, fd: int | None) -> None:
         try:
             self._check_open()
             if prot & ~(DMA_READ | DMA_WRITE) or not prot:
@@ -383,20 +429,22 @@ class PeDma:
         """DMA_UNMAP with UNMAP_ALL: every TCE invalid; registrations stay (client alive)."""
         self._check_open()
         self.unmaps_total += 1
-        for w in self.container.windows:
-            if w is not None:
-                w.clear()
+        with self._c_locked():  # clearing frees table nodes
+            for w in self.container.windows:
+                if w is not None:
+                    w.clear()
 
     def close(self) -> None:
         """The client is gone: free windows, drop registrations and files, thaw the PE."""
         if self.closed:
             return
-        self.closed = True
-        self.container.close()  # clears and uncharges tables, drops prereg references
-        for file in list(self._files.values()):
-            self._release_file(file)
-        self._files.clear()
-        self._sync()
+        with self._c_locked():
+            self.closed = True
+            self.container.close()  # clears and uncharges tables, drops prereg references
+            for file in list(self._files.values()):
+                self._release_file(file)
+            self._files.clear()
+            self._sync()
         eeh = self.pe.eeh  # the next client finds the function as a fresh open would
         eeh.reset_asserted = False
         eeh.config_blocked = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import struct
@@ -68,10 +69,13 @@ class GuestRam:
 
     def __init__(
         self, size: int = 8 << 20, *, pe: bool = True, scramble: bool = False, seed: int = 0,
-        dma_fault: str = "freeze",
+        dma_fault: str = "freeze", sealed: bool = False,
     ) -> None:  # fmt: skip
-        self.memfd = os.memfd_create("nvme-guest", os.MFD_CLOEXEC)
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0)
+        self.memfd = os.memfd_create("nvme-guest", flags)
         os.ftruncate(self.memfd, size)
+        if sealed:  # as QEMU's memory-backend-memfd does: the C mover then uses memcpy
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.npages = size // PAGE
         self.pages = list(range(self.npages))
         if scramble:
@@ -303,18 +307,21 @@ class Host:
         return cqe, self.dma.peek(buf, 4096)
 
     def create_io_queue(
-        self, qid: int, depth: int = 64, vector: int | None = None, ien: bool = True
-    ) -> None:
-        pages = (depth * 64 + PAGE - 1) // PAGE
-        cq, sq = self.alloc(pages), self.alloc(pages)
+        self, qid: int, depth: int = 64, vector: int | None = None, ien: bool = True,
+        cq_depth: int | None = None,
+    ) -> None:  # fmt: skip
+        cq_depth = depth if cq_depth is None else cq_depth
+        cq = self.alloc((cq_depth * 16 + PAGE - 1) // PAGE)
+        sq = self.alloc((depth * 64 + PAGE - 1) // PAGE)
         vec = qid if vector is None else vector
         r = self.admin(
-            0x05, prp1=cq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (int(ien) << 1) | (vec << 16)
-        )
+            0x05, prp1=cq, cdw10=qid | ((cq_depth - 1) << 16),
+            cdw11=1 | (int(ien) << 1) | (vec << 16),
+        )  # fmt: skip
         assert r.sc == 0, hex(r.status)
         r = self.admin(0x01, prp1=sq, cdw10=qid | ((depth - 1) << 16), cdw11=1 | (qid << 16))
         assert r.sc == 0, hex(r.status)
-        self.queues[qid] = HostQueue(qid, sq, cq, depth, depth)
+        self.queues[qid] = HostQueue(qid, sq, cq, depth, cq_depth)
 
     def rw(
         self,

@@ -1,6 +1,8 @@
-"""NVMe zero-copy data path: PRP pieces translated through the PE in one go, data moved with
-preadv/pwritev between the backing file and the guest's memfd; faults, truncation, leaks, and
-equivalence with the copy path."""
+"""NVMe zero-copy data path of the Python DataMover: PRP pieces translated through the PE in one
+go, data moved with preadv/pwritev between the backing file and the guest's memfd; faults,
+truncation, leaks, and equivalence with the copy path. The controllers here keep everything in
+Python (``c_mover=False``); the C data mover, which stands in for this path, is held to it by
+tests/devices/nvme/test_nvme_c_mover.py."""
 
 from __future__ import annotations
 
@@ -67,6 +69,14 @@ class Syscalls:
 
         monkeypatch.setattr(os, "preadv", wrap("preadv", real_preadv))
         monkeypatch.setattr(os, "pwritev", wrap("pwritev", real_pwritev))
+
+
+@pytest.fixture
+def ctrl(disk: Path) -> Iterator[NvmeController]:
+    """The Python data path (the reference twin of the C data mover)."""
+    c = NvmeController(disk, NS_BYTES, io_queues=4, c_mover=False)
+    yield c
+    c.close()
 
 
 @pytest.fixture(params=["pe", "plain"])

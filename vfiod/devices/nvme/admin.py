@@ -152,6 +152,7 @@ class AdminCommands:
         vectors: int,
         max_transfer: int,
         cc: Callable[[], int],
+        collect: Callable[[], None] = lambda: None,
     ) -> None:
         self.identity = identity
         self.ns = namespace
@@ -161,6 +162,7 @@ class AdminCommands:
         self.vectors = vectors
         self.max_transfer = max_transfer
         self._cc = cc
+        self._collect = collect  # brings counters kept elsewhere (the C data mover) up to date
         self.temperature = 303  #: composite temperature reported, Kelvin
         self.errors: list[ErrorEntry] = []
         self.error_count = 0
@@ -483,6 +485,7 @@ class AdminCommands:
         elif lid == LOG_SMART:
             if cmd.nsid not in (0, NSID, NSID_ALL):
                 raise NvmeStatus(SC_INVALID_FIELD)
+            self._collect()
             self.smart.power_on_hours = int((time.monotonic() - self._power_on) // 3600)
             page = smart_log(self.smart, self.critical_warning(), self.temperature)
             event_type = AER_TYPE_SMART

@@ -36,6 +36,14 @@ command sets and the data mover apart from both):
 A DMA fault on a data buffer or PRP list ends only that command, with Data Transfer Error and
 nothing moved; one on an SQ entry, a CQ entry or a shadow doorbell is controller fatal status
 (CSTS.CFS) until the host resets the controller. docs/nvme.md describes the data path.
+
+With the C module, the controller keeps one ``struct vfiod_nvme`` (cffi_build/nvme.h) for its
+lifetime: the queue state its engines own, and what the C data mover needs of the namespace and
+the function (store fd, geometry, write cache, config space, the session's PE view, the
+interrupt mirror). While a client is attached, :meth:`NvmeController.background` runs the C
+mover's workers in threads of the session's nursery, and the session fast path runs I/O queue
+doorbells in C through the hook of :meth:`NvmeController.fast_ranges`. C keeps its own
+counters; they are folded into the Python ones whenever those are read.
 """
 
 from __future__ import annotations
@@ -45,7 +53,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
 
 from vfiod.devices.nvme.admin import AERL, CCTEMP, ELPE, MQES, WCTEMP, AdminCommands, Features
 from vfiod.devices.nvme.backing import BackingStore
@@ -67,6 +78,9 @@ from vfiod.devices.nvme.constants import (
     CSTS_SHST_MASK,
     DOORBELL_BASE,
     DOORBELL_SIZE,
+    IO_FLUSH,
+    IO_READ,
+    IO_WRITE,
     MSIX_PBA_OFFSET,
     MSIX_TABLE_OFFSET,
     NSSR_MAGIC,
@@ -97,17 +111,19 @@ from vfiod.devices.nvme.mover import DataMover
 from vfiod.devices.nvme.nvm import Namespace, NvmCommands
 from vfiod.devices.nvme.prp import NvmeStatus
 from vfiod.devices.nvme.queues import (
+    CMover,
     Command,
     CompletionQueue,
     QueueEngine,
     SubmissionQueue,
+    c_module,
 )
 from vfiod.metrics import Family, Histogram
 from vfiod.pci.caps import MSI_MAX_VECTORS
 from vfiod.pci.config import BarKind, BarSpec
-from vfiod.pci.dma import DmaFault
+from vfiod.pci.dma import DmaFault, DmaSpace
 from vfiod.pci.function import PciFunction
-from vfiod.pci.region import DwordRegisters, Region
+from vfiod.pci.region import DwordRegisters, FastRange, Region
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +135,7 @@ DEFAULT_FIRMWARE = "vfiod01"
 CAP_TIMEOUT = 0x0F  #: CAP.TO in 500 ms units (we are ready synchronously)
 MPSMAX = 4  #: host memory pages 4 KiB .. 64 KiB
 ACL = 3
+WORKERS = 2  #: C data mover threads per controller while a client is attached
 
 
 class _Registers(DwordRegisters):
@@ -151,14 +168,19 @@ class _Doorbells:
         if size != 4 or offset & 3:
             return  # doorbells are dword registers
         qid, is_cq = divmod(offset // 4, 2)
-        self.ctrl.stats.doorbells[is_cq] += 1
-        queues = self.ctrl.queues
+        ctrl = self.ctrl
+        queues = ctrl.queues
+        if queues is not None and queues.doorbell(offset, value):
+            ctrl.collect()
+            return  # done whole by the C data mover (which counted it)
+        ctrl._stats.doorbells[is_cq] += 1
         if queues is None:
             return  # not enabled (or fatal and reset since): ignored
         if is_cq:
             queues.cq_doorbell(qid, value & 0xFFFF)
         else:
             queues.sq_doorbell(qid, value & 0xFFFF)
+        ctrl.collect()
 
 
 class NvmeStats:
@@ -183,7 +205,9 @@ class NvmeController(PciFunction):
     """NVMe controller personality; see the module docstring for layout and behaviour.
 
     ``shadow_doorbells`` advertises Doorbell Buffer Config (OACS bit 8), which Linux uses as
-    soon as it sees it; False leaves every doorbell an MMIO write.
+    soon as it sees it; False leaves every doorbell an MMIO write. ``c_mover=False`` keeps
+    everything in Python (the reference the tests compare the C data mover against), as does a
+    build without the C module.
     """
 
     def __init__(
@@ -204,6 +228,7 @@ class NvmeController(PciFunction):
         mdts: int = 8,
         shadow_doorbells: bool = True,
         msix: bool = False,
+        c_mover: bool = True,
     ) -> None:
         if block_size not in (512, 4096):
             raise ValueError("block_size must be 512 or 4096")
@@ -278,18 +303,25 @@ class NvmeController(PciFunction):
             self.add_msi(min(MSI_MAX_VECTORS, 1 << io_queues.bit_length()))
         self.seal()
 
-        self.smart = SmartCounters()
-        self.stats = NvmeStats()
+        self._smart = SmartCounters()
+        self._stats = NvmeStats()
         self.mover = DataMover(self, store)
         self.admin = AdminCommands(
-            self.identity, self.namespace, self.mover, self.smart,
+            self.identity, self.namespace, self.mover, self._smart,
             io_queues=io_queues, vectors=self.vectors, max_transfer=self.max_transfer,
-            cc=lambda: self.cc,
+            cc=lambda: self.cc, collect=self.collect,
         )  # fmt: skip
         self.nvm = NvmCommands(
-            self.namespace, self.mover, self.smart, self.max_transfer,
+            self.namespace, self.mover, self._smart, self.max_transfer,
             write_cache=lambda: self.admin.features.wce,
         )  # fmt: skip
+        self.workers = WORKERS
+        self._cmover: CMover | None = None
+        self._notify = -1
+        self._keep: list[Any] = []  # buffers the C structure points into
+        module = c_module() if c_mover else None
+        if module is not None:
+            self._cmover = self._make_c(module)
         #: the queue engine while the controller is enabled (None: disabled, or after reset)
         self.queues: QueueEngine | None = None
         self.cc = 0
@@ -299,10 +331,169 @@ class NvmeController(PciFunction):
         self.acq = 0
         self._controller_reset()
 
+    # ---- the C data mover -------------------------------------------------------------------
+
+    def _make_c(self, module: Any) -> CMover:
+        ffi, lib = module.ffi, module.lib
+        raw = lib.vfiod_nvme_new()
+        if raw == ffi.NULL:
+            raise MemoryError("cannot allocate the NVMe data mover")
+        c = ffi.gc(raw, lib.vfiod_nvme_free)
+        ns = self.namespace
+        c.fd = self.store.fd
+        c.lba_shift = ns.lba_shift
+        c.nsze = ns.nsze
+        c.max_transfer = self.max_transfer
+        c.page_size = 4096
+        c.wce = 1
+        config = ffi.from_buffer("uint8_t[]", self.config.data)
+        self._keep.append(config)
+        c.config = config
+        if self.irq.mirror is not None:
+            c.irq = self.irq.mirror
+            self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            c.notify_fd = self._notify
+            self.irq.mirror.notify_fd = self._notify
+        for i, bound in enumerate(Histogram.BUCKETS):
+            c.lat_bounds_ns[i] = int(bound * 1e9)
+        return CMover(module, c)
+
+    @property
+    def c_mover(self) -> bool:
+        """Whether the C data mover runs the common case (the C module, a PE's C view, the
+        zero-copy path): the I/O queues' doorbells and commands then go through C first."""
+        return self._cmover is not None and self._cmover.c.dma != self._cmover.ffi.NULL
+
+    def attach_dma(self, dma: DmaSpace) -> None:
+        super().attach_dma(dma)
+        self._sync_c()
+
+    def _sync_c(self) -> None:
+        """Tell the C structure what it may use now: the session's PE view (only for the
+        zero-copy path it does), the write cache setting, the host page size."""
+        cm = self._cmover
+        if cm is None:
+            return
+        view = getattr(self.dma, "c_view", None)
+        use = view is not None and self.mover.zero_copy
+        with cm.locked():
+            cm.c.dma = view if use else cm.ffi.NULL
+            cm.c.wce = int(self.admin.features.wce)
+            cm.c.page_size = self.mover.page_size
+
+    def collect(self) -> None:
+        """Fold the C data mover's counters into the Python ones (and zero them there)."""
+        cm = self._cmover
+        if cm is None:
+            return
+        c = cm.c
+        with cm.locked():
+            smart, stats = self._smart, self._stats
+            smart.read_cmds += c.reads
+            smart.write_cmds += c.writes
+            smart.bytes_read += c.bytes_read
+            smart.bytes_written += c.bytes_written
+            self.store.syncs += c.syncs
+            c.reads = c.writes = c.bytes_read = c.bytes_written = c.syncs = 0
+            for kind, opcode in enumerate((IO_READ, IO_WRITE, IO_FLUSH)):
+                if c.ok[kind]:
+                    key = ("io", opcode)
+                    stats.commands[key] = stats.commands.get(key, 0) + c.ok[kind]
+                    c.ok[kind] = 0
+            for i in range(len(stats.latency.counts)):
+                stats.latency.counts[i] += c.lat[i]
+                c.lat[i] = 0
+            stats.latency.total += c.lat_ns / 1e9
+            c.lat_ns = 0
+            stats.doorbells[0] += c.doorbells[0]
+            stats.doorbells[1] += c.doorbells[1]
+            c.doorbells[0] = c.doorbells[1] = 0
+
+    @property
+    def smart(self) -> SmartCounters:
+        self.collect()
+        return self._smart
+
+    @property
+    def stats(self) -> NvmeStats:
+        self.collect()
+        return self._stats
+
+    @property
+    def async_commands(self) -> int:
+        """Commands the C data mover's workers ran (0 without them)."""
+        cm = self._cmover
+        return int(cm.c.jobs_async) if cm is not None else 0
+
+    @property
+    def hooked_doorbells(self) -> int:
+        """Doorbell writes the session fast path did through the C hook (no Python)."""
+        cm = self._cmover
+        return int(cm.c.hooked) if cm is not None else 0
+
+    async def background(self) -> None:
+        """While a client is attached: the C data mover's workers (threads of the session's
+        nursery, the GIL released) and the task that does what C leaves for Python. Cancelled,
+        it stops the workers, which finish every command in flight first, so no iovec into
+        guest RAM outlives the session's DMA view."""
+        cm = self._cmover
+        if cm is None:
+            return
+        lib, c = cm.lib, cm.c
+        limiter = trio.CapacityLimiter(max(1, self.workers))
+        lib.vfiod_nvme_start(c)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.workers):  # 0: every command runs where its doorbell does
+                    nursery.start_soon(_worker, lib.vfiod_nvme_worker, c, limiter)
+                nursery.start_soon(self._serve_python)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    lib.vfiod_nvme_stop(c)  # the workers drain the queue, then return
+        finally:
+            lib.vfiod_nvme_stop(c)
+            self._service()
+
+    async def _serve_python(self) -> None:
+        """Wait for the C side's notifications and do what they ask."""
+        fd = self._notify
+        if fd < 0:
+            await trio.sleep_forever()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            self._service()
+
+    def _service(self) -> None:
+        queues = self.queues
+        if queues is not None:
+            queues.service()
+        else:
+            self.irq.fire_pending()
+        self.collect()
+
+    def fast_ranges(self) -> list[FastRange]:
+        """Config space, and the doorbell page as a hook: the session fast path runs an I/O
+        queue's doorbell write in C (``vfiod_nvme_doorbell_hook``), punting what C cannot do
+        completely (the admin queue, commands for Python, any doubt) to region_write."""
+        ranges = super().fast_ranges()
+        cm = self._cmover
+        if cm is not None:
+            hook = cm.ffi.addressof(cm.lib, "vfiod_nvme_doorbell_hook")
+            ranges.append(FastRange(0, DOORBELL_BASE, bytearray(), "hook", hook=hook,
+                                    hook_ctx=cm.c, hook_size=DOORBELL_SIZE))  # fmt: skip
+        return ranges
+
     # ---- state ------------------------------------------------------------------------------
 
     def _controller_reset(self) -> None:
         """Controller-level reset (CC.EN 1 -> 0, FLR): queues, AERs and features dropped."""
+        if self.queues is not None:
+            self.queues.close()  # commands in flight finish first
         self.queues = None
         self.mover.page_size = 4096
         self.fatal = False
@@ -310,6 +501,7 @@ class NvmeController(PciFunction):
         self.csts &= CSTS_NSSRO
         if self.irq.intx_level:
             self.irq.deassert_intx()
+        self._sync_c()
 
     def on_reset(self) -> None:
         """Function-level reset: registers to power-on values, all queues dropped."""
@@ -323,8 +515,12 @@ class NvmeController(PciFunction):
 
     def close(self) -> None:
         super().close()
+        self.collect()
         self.mover.close()
         self.store.close()
+        if self._notify >= 0:
+            os.close(self._notify)
+            self._notify = -1
 
     @property
     def ready(self) -> bool:
@@ -353,6 +549,7 @@ class NvmeController(PciFunction):
     @zero_copy.setter
     def zero_copy(self, value: bool) -> None:
         self.mover.zero_copy = value
+        self._sync_c()
 
     @property
     def nsze(self) -> int:
@@ -471,7 +668,8 @@ class NvmeController(PciFunction):
             return
         self._controller_reset()
         self.mover.page_size = page
-        queues = QueueEngine(self, self.irq, self.vectors, self, self._fatal)
+        self._sync_c()
+        queues = QueueEngine(self, self.irq, self.vectors, self, self._fatal, self._cmover)
         queues.create_cq(0, self.acq, acqs, vector=0, ien=True)
         queues.create_sq(0, self.asq, asqs, cqid=0)
         self.queues = queues
@@ -494,19 +692,39 @@ class NvmeController(PciFunction):
     def execute(self, sqid: int, cmd: Command) -> tuple[int, int] | None:
         """One fetched command to its command set; errors become a status (DNR set), go to
         the error log and the statistics."""
+        result = self._dispatch(sqid, cmd, self._run)
+        if sqid == 0:
+            self._sync_c()  # Set Features may have turned the write cache on or off
+        return result
+
+    def flush_failed(self, sqid: int, cmd: Command, err: int) -> tuple[int, int]:
+        """A Flush or FUA write the C data mover ran whose fdatasync failed: the media error
+        the command set reports (SMART, error log, statistics), as if it had failed here."""
+
+        def fail(sqid: int, cmd: Command) -> int | None:
+            return self.nvm.flush_failed(OSError(err, os.strerror(err) if err else "EIO"))
+
+        result = self._dispatch(sqid, cmd, fail)
+        assert result is not None
+        return result
+
+    def _run(self, sqid: int, cmd: Command) -> int | None:
+        if cmd.flags & 0xC3:  # FUSE or PSDT (SGL) set: neither is supported
+            raise NvmeStatus(SC_INVALID_FIELD)
+        if sqid == 0:
+            assert self.queues is not None
+            return self.admin.execute(self.queues, cmd)
+        return self.nvm.execute(cmd)
+
+    def _dispatch(self, sqid: int, cmd: Command,
+                  run: Callable[[int, Command], int | None]) -> tuple[int, int] | None:  # fmt: skip
         status = 0
         dw0: int | None = 0
         lba = 0
         admin = sqid == 0
         started = time.perf_counter()
         try:
-            if cmd.flags & 0xC3:  # FUSE or PSDT (SGL) set: neither is supported
-                raise NvmeStatus(SC_INVALID_FIELD)
-            if admin:
-                assert self.queues is not None
-                dw0 = self.admin.execute(self.queues, cmd)
-            else:
-                dw0 = self.nvm.execute(cmd)
+            dw0 = run(sqid, cmd)
         except NvmeStatus as err:
             status, lba = err.status, err.lba
         except DmaFault as fault:
@@ -515,7 +733,7 @@ class NvmeController(PciFunction):
         except Exception:
             log.exception("nvme: SQ %d cid %d opcode %#x failed", sqid, cmd.cid, cmd.opcode)
             status = SC_INTERNAL
-        self.stats.record(admin, cmd.opcode, status, time.perf_counter() - started)
+        self._stats.record(admin, cmd.opcode, status, time.perf_counter() - started)
         if status:
             status |= STATUS_DNR
             self.admin.log_error(sqid, cmd, status, lba)
@@ -532,27 +750,32 @@ class NvmeController(PciFunction):
 
     def metrics(self, function: str) -> list[Family]:
         """Prometheus families for this controller (collected by the host's metrics)."""
+        self.collect()
         commands = Family("vfiod_nvme_commands_total", "counter", "NVMe commands completed.")
         errors = Family("vfiod_nvme_command_errors_total", "counter",
                         "NVMe commands completed with an error status.")
-        for (queue, opcode), n in sorted(self.stats.commands.items()):
+        for (queue, opcode), n in sorted(self._stats.commands.items()):
             commands.add(n, function=function, queue=queue, opcode=f"{opcode:#04x}")
-        for (queue, opcode), n in sorted(self.stats.errors.items()):
+        for (queue, opcode), n in sorted(self._stats.errors.items()):
             errors.add(n, function=function, queue=queue, opcode=f"{opcode:#04x}")
         read = Family("vfiod_nvme_read_bytes_total", "counter", "Bytes read by the guest.")
-        read.add(self.smart.bytes_read, function=function)
+        read.add(self._smart.bytes_read, function=function)
         written = Family("vfiod_nvme_written_bytes_total", "counter",
                          "Bytes written by the guest.")
-        written.add(self.smart.bytes_written, function=function)
+        written.add(self._smart.bytes_written, function=function)
         latency = Family("vfiod_nvme_command_seconds", "histogram",
                          "Time from fetching an NVMe command to its completion.")
-        latency.add_histogram(Histogram.BUCKETS, self.stats.latency.counts,
-                              self.stats.latency.total, function=function)
+        latency.add_histogram(Histogram.BUCKETS, self._stats.latency.counts,
+                              self._stats.latency.total, function=function)
         doorbells = Family("vfiod_nvme_doorbell_writes_total", "counter",
                            "MMIO doorbell writes (each one a vfio-user message).")
-        doorbells.add(self.stats.doorbells[0], function=function, queue="sq")
-        doorbells.add(self.stats.doorbells[1], function=function, queue="cq")
+        doorbells.add(self._stats.doorbells[0], function=function, queue="sq")
+        doorbells.add(self._stats.doorbells[1], function=function, queue="cq")
         return [commands, errors, read, written, latency, doorbells]
+
+
+async def _worker(work: Callable[[Any], None], c: Any, limiter: trio.CapacityLimiter) -> None:
+    await trio.to_thread.run_sync(work, c, limiter=limiter)
 
 
 __all__ = ["Command", "NvmeController"]

@@ -13,6 +13,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from vfiod.devices.nvme.backing import BackingStore
 from vfiod.devices.nvme.constants import (
@@ -103,9 +104,13 @@ class NvmCommands:
         try:
             self.ns.store.flush()
         except OSError as err:
-            log.error("nvme: flush failed: %s", err)
-            self.smart.media_errors += 1
-            raise NvmeStatus(SC_WRITE_FAULT) from err
+            self.flush_failed(err)
+
+    def flush_failed(self, err: OSError) -> NoReturn:
+        """A flush that failed (here, or in the C data mover): a media error, Write Fault."""
+        log.error("nvme: flush failed: %s", err)
+        self.smart.media_errors += 1
+        raise NvmeStatus(SC_WRITE_FAULT) from err
 
     def _lba_range(self, cmd: Command) -> tuple[int, int]:
         slba = cmd.cdw[10] | (cmd.cdw[11] << 32)
