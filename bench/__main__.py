@@ -143,10 +143,15 @@ def _issue11_summary(results: dict[str, Any]) -> None:
                   f"{boot['difference_us_per_message']:.1f} us per message, the daemon's CPU "
                   f"{with_vf['daemon_cpu_s']:.1f} s = "
                   f"{with_vf['daemon_cpu_us_per_message']:.1f} us per message")
-    per_tce = results.get("nvme_guests", {}).get("ppc64le", {}).get("tce32_per_tce", {})
+    ppc = results.get("nvme_guests", {}).get("ppc64le", {})
+    per_tce, before = ppc.get("tce32_per_tce", {}), ppc.get("tce32_per_tce_python_messages", {})
     if per_tce.get("mb_per_s"):
-        print("  pseries 32-bit per-TCE dd (ddw=off) MB/s: "
-              + ", ".join(f"{k} {val}" for k, val in per_tce["mb_per_s"].items()))
+        print("  pseries 32-bit per-TCE dd (ddw=off) MB/s, C message fast path | all messages "
+              "through the trio session | ratio:")
+        for key, val in per_tce["mb_per_s"].items():
+            old = (before.get("mb_per_s") or {}).get(key)
+            print(f"    {key}: {val} | {old} | "
+                  f"{ppc.get('per_tce_fast_over_python_messages', {}).get(key)}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ Guests run under TCG on these machines (their /dev/kvm cannot run Debian kernels
 figures say little; the ratio vfiod / in-process is what to compare. x86_64: a vfiod VF (shadow
 doorbells on, and off) against in-process NVMe. pseries: a vfiod VF through DDW (one 64-bit
 window mapping all RAM) against in-process NVMe on pseries, and against the 32-bit window path
-(one synchronous DMA_MAP and DMA_UNMAP per 4 KiB TCE, `-global spapr-pci-host-bridge.ddw=off`).
+(one synchronous DMA_MAP and DMA_UNMAP per 4 KiB TCE, `-global spapr-pci-host-bridge.ddw=off`),
+that path once more with the session's C message fast path off (the before of issue 11).
 Both NVMe kinds sit on the same kind of page-cache-backed file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -116,7 +118,24 @@ def _figures(res: Any) -> dict[str, Any]:
 
 
 async def _vfiod_guest(arch: str, policy: str, mib: int, small: int, fio_seconds: int,
-                       extra: tuple[str, ...] = (), shadow: bool = True) -> dict[str, Any]:
+                       extra: tuple[str, ...] = (), shadow: bool = True,
+                       fast_path: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One guest on a VF of a daemon in this process; ``fast_path=False`` runs every message
+    through the trio session (VFIOD_NO_FASTPATH=1: vfiod before issue 11's C message path)."""
+    saved = os.environ.get("VFIOD_NO_FASTPATH")
+    if not fast_path:
+        os.environ["VFIOD_NO_FASTPATH"] = "1"
+    try:
+        return await _vfiod_guest_run(arch, policy, mib, small, fio_seconds, extra, shadow)
+    finally:
+        if saved is None:
+            os.environ.pop("VFIOD_NO_FASTPATH", None)
+        else:
+            os.environ["VFIOD_NO_FASTPATH"] = saved
+
+
+async def _vfiod_guest_run(arch: str, policy: str, mib: int, small: int, fio_seconds: int,
+                           extra: tuple[str, ...], shadow: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vfiod-guest-bench-") as tmpdir:
         tmp = Path(tmpdir)
         parsed = config.parse(
@@ -178,12 +197,17 @@ async def _run(mib: int, small: int, pseries: bool, fio_seconds: int) -> dict[st
     }
     if pseries:
         ddw = await _vfiod_guest("ppc64le", "power8", mib, small, fio_seconds)
+        no_ddw = ("-global", "spapr-pci-host-bridge.ddw=off")
         per_tce = await _vfiod_guest("ppc64le", "power8", max(1, mib // 8), max(1, small // 8),
-                                     fio_seconds, ("-global", "spapr-pci-host-bridge.ddw=off"))
+                                     fio_seconds, no_ddw)
+        per_tce_py = await _vfiod_guest("ppc64le", "power8", max(1, mib // 8),
+                                        max(1, small // 8), fio_seconds, no_ddw, fast_path=False)
         qemu_ppc = await _qemu_nvme_guest("ppc64le", mib, small, fio_seconds)
         results["ppc64le"] = {
             "ddw_64bit_window": ddw,
             "tce32_per_tce": per_tce,
+            "tce32_per_tce_python_messages": per_tce_py,
+            "per_tce_fast_over_python_messages": _ratio(per_tce, per_tce_py),
             "qemu_inprocess_nvme": qemu_ppc,
             "ddw_over_per_tce": _ratio(ddw, per_tce),
             "ddw_over_inprocess": _ratio(ddw, qemu_ppc),
