@@ -2,6 +2,7 @@
  * The NVMe data path in C (see nvme.h). Every function here has its twin in
  * vfiod/devices/nvme/queues.py, nvm.py or prp.py; the comments name it. Keep them in step.
  */
+#include <endian.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,8 +67,12 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+/* NVMe structures in guest memory (SQEs, CQEs, PRP lists, shadow slots) and register writes are
+ * little-endian whatever the host is (s390x runs these paths too). */
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
+static inline void st16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
 
 struct vfiod_nvme *vfiod_nvme_new(void)
 {
@@ -186,7 +191,9 @@ static long read_slot(struct vfiod_nvme *nv, uint64_t base, uint32_t qid, int cq
 
 static int write_slot(struct vfiod_nvme *nv, uint64_t base, uint32_t qid, int cq, uint32_t v)
 {
-    return dma_write(nv, slot_iova(base, qid, cq), &v, 4);
+    uint8_t raw[4];
+    st32(raw, v);
+    return dma_write(nv, slot_iova(base, qid, cq), raw, 4);
 }
 
 /* ---- queues ------------------------------------------------------------------------------ */
@@ -235,15 +242,12 @@ static int write_cqe(struct vfiod_nvme *nv, struct vfiod_nvme_cq *cq, uint32_t s
                      uint16_t cid, uint32_t status, uint32_t sqhd, int batch)
 {
     uint8_t e[CQE];
-    uint32_t dw0 = 0, dw1 = 0;
-    uint16_t sqhd16 = (uint16_t)sqhd, sqid16 = (uint16_t)sqid;
-    uint16_t st = (uint16_t)(((status & 0x7FFF) << 1) | cq->phase);
-    memcpy(e, &dw0, 4);
-    memcpy(e + 4, &dw1, 4);
-    memcpy(e + 8, &sqhd16, 2);
-    memcpy(e + 10, &sqid16, 2);
-    memcpy(e + 12, &cid, 2);
-    memcpy(e + 14, &st, 2);
+    st32(e, 0);                          /* DW0 */
+    st32(e + 4, 0);                      /* DW1 */
+    st16(e + 8, (uint16_t)sqhd);
+    st16(e + 10, (uint16_t)sqid);
+    st16(e + 12, cid);
+    st16(e + 14, (uint16_t)(((status & 0x7FFF) << 1) | cq->phase));
     if (dma_write(nv, cq->base + (uint64_t)cq->tail * CQE, e, CQE))
         return -1;
     cq->tail++;
@@ -350,15 +354,15 @@ static long prp_walk(struct vfiod_nvme *nv, uint64_t prp1, uint64_t prp2, uint64
         data = chained ? take - 1 : take;
         for (uint64_t i = 0; i < data; i++) {
             uint64_t size = remaining < page ? remaining : page;
-            if (p->list[i] & mask)
+            if (le64toh(p->list[i]) & mask)
                 return -1;
-            if (prp_add(p, &n, p->list[i], size))
+            if (prp_add(p, &n, le64toh(p->list[i]), size))
                 return -1;
             remaining -= size;
         }
         needed -= data;
         if (chained) {
-            list_addr = p->list[take - 1];
+            list_addr = le64toh(p->list[take - 1]);
             if (list_addr & 7)
                 return -1;
         }
