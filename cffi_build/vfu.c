@@ -3,6 +3,7 @@
  * Python session accepts and answers with success; anything else is punted untouched.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -391,12 +392,7 @@ static long receive(struct vfu_session *s, int block, int sleep_first)
         compact(s);
     if (s->mcount == s->mcap)
         return VFU_PUNT;
-    if (block && sleep_first) {
-        long rc = sleep_readable(s);
-        if (rc)
-            return rc;
-    }
-    for (;;) {
+    for (int wait = block && sleep_first;; wait = 0) {
         struct iovec iov = {s->rbuf + s->rtail, s->rcap - s->rtail};
         struct msghdr mh = {0};
         ssize_t n;
@@ -406,7 +402,11 @@ static long receive(struct vfu_session *s, int block, int sleep_first)
         mh.msg_controllen = sizeof(cbuf);
         if (!iov.iov_len)
             return VFU_PUNT; /* a message the buffer cannot hold: the session judges it */
-        n = recvmsg(s->sock, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        /* a blocking run has the socket in blocking mode (vfu_run): the read sleeps itself,
+         * one system call for the sleep and the bytes */
+        if (wait)
+            s->sleeps++;
+        n = recvmsg(s->sock, &mh, (wait ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
         if (n >= 0) {
             int fds[VFU_RECV_FDS];
             uint32_t nfds = 0;
@@ -452,7 +452,7 @@ static long receive(struct vfu_session *s, int block, int sleep_first)
     }
 }
 
-long vfu_run(struct vfu_session *s, int block)
+static long run(struct vfu_session *s, int block)
 {
     for (;;) {
         long rc = process(s, block);
@@ -487,6 +487,22 @@ long vfu_run(struct vfu_session *s, int block)
         if (rc)
             return rc;
     }
+}
+
+/* A blocking run owns the stream (the session waits for it), so the socket is in blocking mode
+ * for its length and a synchronous peer's next request costs one recvmsg, not a poll and a
+ * recvmsg; sends keep MSG_DONTWAIT (the stall check). The mode is restored before the session
+ * has the socket again. */
+long vfu_run(struct vfu_session *s, int block)
+{
+    int flags = block ? fcntl(s->sock, F_GETFL) : -1;
+    long rc;
+    if (flags >= 0 && (flags & O_NONBLOCK) && fcntl(s->sock, F_SETFL, flags & ~O_NONBLOCK) < 0)
+        flags = -1;
+    rc = run(s, block);
+    if (flags >= 0 && (flags & O_NONBLOCK))
+        fcntl(s->sock, F_SETFL, flags);
+    return rc;
 }
 
 /* End a blocking run from another thread: its poll returns and its read sees EOF (a send, an
