@@ -28,22 +28,24 @@ from vfiod.qemu import run_guest
 NS_SIZE = 512 << 20
 
 # Sequential 1 MiB writes and reads, then 4 KiB reads, all with O_DIRECT. Debian's busybox dd
-# prints no rate, so the guest times each run with /proc/uptime (10 ms resolution; runs are sized
-# to last seconds) and prints MB/s.
+# prints no rate, so the guest times each run with /proc/uptime (10 ms resolution) and prints
+# MB/s; a sequential run repeats its dd @REPS@ times so that it moves 1 GiB (a second or more
+# where the path is fast: a single 128 MiB dd at 1 GB/s would read 0.13 s, 8 % per tick).
 DD_SCRIPT = r"""
 dev=$(ls /dev/nvme*n1 2>/dev/null | head -n 1)
 [ -b "$dev" ] || { echo "@@VFIOD error=no-nvme-disk"; exit 1; }
 RATE='BEGIN { d = z - a; if (d < 0.01) d = 0.01; printf "%.1fM", b / 1048576 / d }'
-run() {  # NAME BYTES dd-args...
-  name=$1; bytes=$2; shift 2
+run() {  # NAME BYTES REPS dd-args...: the dd REPS times in a row, timed as one
+  name=$1; bytes=$2; reps=$3; shift 3
   t0=$(cut -d' ' -f1 /proc/uptime)
-  dd "$@" 2>/dev/null || echo "@@VFIOD error=$name"
+  i=0
+  while [ $i -lt $reps ]; do dd "$@" 2>/dev/null || echo "@@VFIOD error=$name"; i=$((i + 1)); done
   t1=$(cut -d' ' -f1 /proc/uptime)
-  echo "@@VFIOD $name=$(awk -v b=$bytes -v a=$t0 -v z=$t1 "$RATE")"
+  echo "@@VFIOD $name=$(awk -v b=$((bytes * reps)) -v a=$t0 -v z=$t1 "$RATE")"
 }
-run seq_write_1m $((@MIB@ * 1048576)) if=/dev/zero of=$dev bs=1M count=@MIB@ oflag=direct
-run seq_read_1m $((@MIB@ * 1048576)) if=$dev of=/dev/null bs=1M count=@MIB@ iflag=direct
-run read_4k $((@SMALL@ * 4096)) if=$dev of=/dev/null bs=4k count=@SMALL@ iflag=direct
+run seq_write_1m $((@MIB@ * 1048576)) @REPS@ if=/dev/zero of=$dev bs=1M count=@MIB@ oflag=direct
+run seq_read_1m $((@MIB@ * 1048576)) @REPS@ if=$dev of=/dev/null bs=1M count=@MIB@ iflag=direct
+run read_4k $((@SMALL@ * 4096)) 1 if=$dev of=/dev/null bs=4k count=@SMALL@ iflag=direct
 """
 
 # fio (Debian's, in the guest image when the mirror had it): one job at a time over the first
@@ -73,11 +75,18 @@ fi
 _UNITS = {"k": 1e-3, "M": 1.0, "G": 1e3}
 
 
-def _script(mib: int, small: int, fio_seconds: int) -> str:
+def _reps(mib: int, fast: bool = True) -> int:
+    """How many times the sequential dd runs: 1 GiB in all on a fast path, once on a slow one
+    (the per-TCE path moves tens of MB/s: a single run already lasts a second)."""
+    return max(1, 1024 // mib) if fast else 1
+
+
+def _script(mib: int, small: int, fio_seconds: int, reps: int) -> str:
     cases = " ".join(f"{name}) args='{args}' ;;" for name, args in FIO_JOBS.items())
     fio = (FIO_SCRIPT.replace("@JOBS@", " ".join(FIO_JOBS)).replace("@CASES@", cases)
            .replace("@SECONDS@", str(fio_seconds)))  # fmt: skip
-    return (DD_SCRIPT + fio).replace("@MIB@", str(mib)).replace("@SMALL@", str(small))
+    return ((DD_SCRIPT + fio).replace("@MIB@", str(mib)).replace("@SMALL@", str(small))
+            .replace("@REPS@", str(reps)))  # fmt: skip
 
 
 def _mb_per_s(text: str | None) -> float | None:
@@ -119,14 +128,14 @@ def _figures(res: Any) -> dict[str, Any]:
 
 async def _vfiod_guest(arch: str, policy: str, mib: int, small: int, fio_seconds: int,
                        extra: tuple[str, ...] = (), shadow: bool = True,
-                       fast_path: bool = True) -> dict[str, Any]:  # fmt: skip
+                       fast_path: bool = True, reps: int = 1) -> dict[str, Any]:  # fmt: skip
     """One guest on a VF of a daemon in this process; ``fast_path=False`` runs every message
     through the trio session (VFIOD_NO_FASTPATH=1: vfiod before issue 11's C message path)."""
     saved = os.environ.get("VFIOD_NO_FASTPATH")
     if not fast_path:
         os.environ["VFIOD_NO_FASTPATH"] = "1"
     try:
-        return await _vfiod_guest_run(arch, policy, mib, small, fio_seconds, extra, shadow)
+        return await _vfiod_guest_run(arch, policy, mib, small, fio_seconds, extra, shadow, reps)
     finally:
         if saved is None:
             os.environ.pop("VFIOD_NO_FASTPATH", None)
@@ -135,7 +144,7 @@ async def _vfiod_guest(arch: str, policy: str, mib: int, small: int, fio_seconds
 
 
 async def _vfiod_guest_run(arch: str, policy: str, mib: int, small: int, fio_seconds: int,
-                           extra: tuple[str, ...], shadow: bool) -> dict[str, Any]:
+                           extra: tuple[str, ...], shadow: bool, reps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vfiod-guest-bench-") as tmpdir:
         tmp = Path(tmpdir)
         parsed = config.parse(
@@ -149,14 +158,15 @@ async def _vfiod_guest_run(arch: str, policy: str, mib: int, small: int, fio_sec
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
             vf = daemon.host.slot("nvme0-vf0")
-            res = await run_guest(arch, _script(mib, small, fio_seconds),
+            res = await run_guest(arch, _script(mib, small, fio_seconds, reps),
                                   [str(vf.endpoint.path)], memory_mb=1024, timeout=1800,
                                   extra_args=extra)
             nursery.cancel_scope.cancel()
     return _figures(res)
 
 
-async def _qemu_nvme_guest(arch: str, mib: int, small: int, fio_seconds: int) -> dict[str, Any]:
+async def _qemu_nvme_guest(arch: str, mib: int, small: int, fio_seconds: int,
+                           reps: int) -> dict[str, Any]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="vfiod-guest-bench-") as tmpdir:
         disk = Path(tmpdir) / "disk.img"
         with open(disk, "wb") as f:
@@ -164,7 +174,7 @@ async def _qemu_nvme_guest(arch: str, mib: int, small: int, fio_seconds: int) ->
         # the same page-cache-backed file as vfiod's namespace, so the two are comparable
         extra = ("-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback",
                  "-device", "nvme,drive=d0,serial=qemu-inprocess")
-        res = await run_guest(arch, _script(mib, small, fio_seconds), [],
+        res = await run_guest(arch, _script(mib, small, fio_seconds, reps), [],
                               memory_mb=1024, timeout=1800, extra_args=extra)
     return _figures(res)
 
@@ -184,9 +194,11 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
 
 async def _run(mib: int, small: int, pseries: bool, fio_seconds: int) -> dict[str, Any]:
     results: dict[str, Any] = {"note": __doc__.split("\n\n")[1].replace("\n", " ")}
-    vfiod_x86 = await _vfiod_guest("x86_64", "flat", mib, small, fio_seconds)
-    mmio_x86 = await _vfiod_guest("x86_64", "flat", mib, small, fio_seconds, shadow=False)
-    qemu_x86 = await _qemu_nvme_guest("x86_64", mib, small, fio_seconds)
+    reps = _reps(mib)
+    vfiod_x86 = await _vfiod_guest("x86_64", "flat", mib, small, fio_seconds, reps=reps)
+    mmio_x86 = await _vfiod_guest("x86_64", "flat", mib, small, fio_seconds, shadow=False,
+                                  reps=reps)
+    qemu_x86 = await _qemu_nvme_guest("x86_64", mib, small, fio_seconds, reps)
     results["x86_64"] = {
         "vfiod_vf": vfiod_x86,
         "vfiod_vf_mmio_doorbells": mmio_x86,
@@ -196,13 +208,13 @@ async def _run(mib: int, small: int, pseries: bool, fio_seconds: int) -> dict[st
         "targets": "every ratio >= 0.9x of in-process (issue 9)",
     }
     if pseries:
-        ddw = await _vfiod_guest("ppc64le", "power8", mib, small, fio_seconds)
+        ddw = await _vfiod_guest("ppc64le", "power8", mib, small, fio_seconds, reps=reps)
         no_ddw = ("-global", "spapr-pci-host-bridge.ddw=off")
         per_tce = await _vfiod_guest("ppc64le", "power8", max(1, mib // 8), max(1, small // 8),
                                      fio_seconds, no_ddw)
         per_tce_py = await _vfiod_guest("ppc64le", "power8", max(1, mib // 8),
                                         max(1, small // 8), fio_seconds, no_ddw, fast_path=False)
-        qemu_ppc = await _qemu_nvme_guest("ppc64le", mib, small, fio_seconds)
+        qemu_ppc = await _qemu_nvme_guest("ppc64le", mib, small, fio_seconds, reps)
         results["ppc64le"] = {
             "ddw_64bit_window": ddw,
             "tce32_per_tce": per_tce,
