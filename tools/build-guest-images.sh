@@ -61,8 +61,14 @@ setup_apt() {  # DEBARCH
     mkdir -p "$d/sources.list.d" "$d/preferences.d" "$d/state/lists/partial" \
         "$d/cache/archives/partial" "$d/debs"
     : >"$d/status.tmp"; [[ -f $d/status ]] || mv "$d/status.tmp" "$d/status"; rm -f "$d/status.tmp"
-    printf 'deb [signed-by=%s] %s %s %s\n' "$keyring" "$mirror" "$SUITE" "$components" \
-        >"$d/sources.list"
+    # the security archive too, as on every Debian install (and as build-cross-root.sh): it
+    # holds updated libraries the mirror's main pool can lack for foreign architectures
+    {
+        printf 'deb [signed-by=%s] %s %s %s\n' "$keyring" "$mirror" "$SUITE" "$components"
+        printf 'deb [signed-by=%s] %s %s-security %s\n' "$keyring" \
+            "${VFIOD_DEBIAN_SECURITY_MIRROR:-${mirror%/debian}/debian-security}" "$SUITE" \
+            "$components"
+    } >"$d/sources.list"
     cat >"$d/apt.conf" <<EOF
 Dir::Etc::SourceList "$d/sources.list";
 Dir::Etc::SourceParts "$d/sources.list.d";
@@ -96,12 +102,46 @@ download() {  # PKG VERSION DEBARCH -> prints the .deb path (no retry here: see 
     f="$APT_DIR/debs/${pkg}_${ver//:/%3a}_${debarch}.deb"
     if [[ ! -s $f ]]; then
         log "downloading $pkg $ver ($debarch)"
-        (cd "$APT_DIR/debs" && apt-get -q download "$pkg=$ver" >&2) || return 1
+        if ! (cd "$APT_DIR/debs" && apt-get -q download "$pkg=$ver" >&2); then
+            # not in the mirror's pool yet: the newest older version that is (common.sh)
+            f=$(older_download "$pkg" "$ver") || return 1
+        fi
         [[ -s $f ]] || { log "apt-get download $pkg=$ver did not produce $f"; return 1; }
         # Keep the cache bounded: drop other versions of the same package.
         find "$APT_DIR/debs" -name "${pkg}_*.deb" ! -name "$(basename "$f")" -delete
     fi
     printf '%s\n' "$f"
+}
+
+# PKG VERSION whose .deb answers 404: download another version the indexes list, or the newest
+# older version the same pool directory has (older_candidates), print its path. Only for the programs' packages, which are
+# unpacked, not installed: an older point release of a library serves as well.
+older_download() {
+    local pkg=$1 ver=$2 uri file dir cand enc v
+    # first every other version the indexes list (main and security), newest first
+    for v in $(apt-cache madison "$pkg" | awk -F' [|] ' '{ print $2 }'); do
+        [[ $v != "$ver" ]] || continue
+        if (cd "$APT_DIR/debs" && apt-get -q download "$pkg=$v" >&2); then
+            log "not in the mirror's pool: $pkg $ver; using $v"
+            ls "$APT_DIR/debs/${pkg}_${v//:/%3a}"_*.deb
+            return 0
+        fi
+    done
+    # then older versions guessed from the name in the same pool directory
+    uri=$(apt-get download --print-uris -qq "$pkg=$ver" | awk '{ gsub("\047", "", $1); print $1 }')
+    [[ -n $uri ]] || return 1
+    file=${uri##*/} dir=${uri%/*}
+    for cand in $(older_candidates "$file"); do
+        enc=${cand//+/%2b}
+        enc="$dir/${enc//\~/%7e}"
+        if http_ok "$enc"; then
+            log "not in the mirror's pool: $file; using ${enc##*/}"
+            curl -sf -m 300 -o "$APT_DIR/debs/$cand" "$enc" || return 1
+            printf '%s\n' "$APT_DIR/debs/$cand"
+            return 0
+        fi
+    done
+    return 1
 }
 
 # The .debs of GUEST_PROGRAMS and of the library packages their Depends resolve to. Sets PDEBS
@@ -122,7 +162,13 @@ fetch_program_debs() {  # DEBARCH
         # shellcheck disable=SC2086
         # (fd 3: apt-get download inside the loop must not eat the list from stdin)
         while read -r pkg pver parch <&3; do
-            f=$(download "$pkg" "$pver" "$parch" </dev/null) || return 1  # parch: arch or "all"
+            # parch: arch or "all". A package no version of which the pool has is left out: the
+            # install set holds packages the program never loads (openssl-provider-legacy for
+            # libssl), and mkprograms says if a library it needs is missing.
+            if ! f=$(download "$pkg" "$pver" "$parch" </dev/null); then
+                log "leaving out $pkg $pver: no version of it in the pool"
+                continue
+            fi
             PDEBS+=("$f")
         done 3< <(apt-get -s -q --no-install-recommends install $deps \
                     | sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) [^[]*\[\([^]]*\)\]).*/\1 \2 \3/p')
@@ -218,9 +264,13 @@ build_arch() {  # ARCH
     "$PYTHON" "$here/mkinitramfs.py" --kernel-root "$tmp/kernel" --kver "$kver" \
         --busybox "$busybox" --init "$here/guest-init.sh" --modules "$GUEST_MODULES" \
         --out "$tmp/out/initrd.img" --modules-list "$tmp/out/modules"
+    if [[ -n $binaries ]] && ! "$PYTHON" "$here/mkprograms.py" --package-root "$tmp/programs" \
+            --binaries "$binaries" --out "$tmp/programs.cpio.gz"; then
+        log "WARNING: $arch: $binaries cannot be packed (a library left out above?); building" \
+            "the image without programs (the benchmarks say so)"
+        binaries="" pvers=""
+    fi
     if [[ -n $binaries ]]; then  # a second archive; the kernel unpacks them in turn
-        "$PYTHON" "$here/mkprograms.py" --package-root "$tmp/programs" --binaries "$binaries" \
-            --out "$tmp/programs.cpio.gz"
         local size
         size=$(stat -c %s "$tmp/out/initrd.img")  # archives start on a 4-byte boundary
         head -c $(( (4 - size % 4) % 4 )) /dev/zero >>"$tmp/out/initrd.img"

@@ -101,3 +101,35 @@ debian_keyring() {
     done
     die "no Debian archive keyring in /usr/share/keyrings (apt-get install debian-archive-keyring)"
 }
+
+# A Debian mirror can lag for foreign architectures: its index names a point-release update
+# whose .deb is not in the pool yet (HTTP 404) while the previous one is (build-cross-root.sh,
+# build-guest-images.sh).
+# http_ok URL: the URL answers 200.
+http_ok() { [[ $(curl -s -I -m 30 --retry 3 -o /dev/null -w '%{http_code}' "$1") == 200 ]]; }
+
+# older_candidates FILE: older pool file names to try for FILE (a pool .deb name), newest first.
+older_candidates() {
+    local f=$1 name rest ver arch base sep n i up micro tail
+    name=${f%%_*} rest=${f#*_}
+    ver=${rest%_*} arch=${rest##*_}
+    ver=${ver//%2b/+} ver=${ver//%7e/\~}
+    if [[ $ver =~ ^(.*)([+~]deb[0-9]+u)([0-9]+)$ ]]; then
+        base=${BASH_REMATCH[1]} sep=${BASH_REMATCH[2]} n=${BASH_REMATCH[3]}
+        for ((i = n - 1; i >= 1; i--)); do echo "${name}_${base}${sep}${i}_${arch}"; done
+        echo "${name}_${base}_${arch}"
+        echo "${name}_${base}+b1_${arch}"
+        # an earlier upstream micro release: 3.5.9-1~deb13u1 -> 3.5.8-1~deb13u1, ..., 3.5.0-1
+        if [[ $base =~ ^(.*\.)([0-9]+)(-[^-]+)$ ]]; then
+            up=${BASH_REMATCH[1]} micro=${BASH_REMATCH[2]} tail=${BASH_REMATCH[3]}
+            for ((i = micro - 1; i >= 0; i--)); do
+                echo "${name}_${up}${i}${tail}${sep}1_${arch}"
+                echo "${name}_${up}${i}${tail}_${arch}"
+            done
+        fi
+    elif [[ $ver =~ ^(.*\.)([0-9]+)$ ]]; then
+        for ((i = BASH_REMATCH[2] - 1; i >= 0; i--)); do
+            echo "${name}_${BASH_REMATCH[1]}${i}_${arch}"
+        done
+    fi
+}
