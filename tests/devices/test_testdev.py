@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from eventfds import count
 
 from vfiod.devices import testdev as td
 from vfiod.devices.testdev import TestDevice
@@ -57,11 +58,6 @@ def efd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from eventfds import count
 
 from vfiod.pci import PciFunction, Region
 from vfiod.pci.constants import (
@@ -41,12 +42,6 @@ def efd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def count(fd: int) -> int:
-    """Read and reset the eventfd counter; 0 if nothing was signalled."""
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def is_closed(fd: int) -> bool:

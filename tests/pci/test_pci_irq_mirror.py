@@ -12,6 +12,7 @@ import os
 import struct
 from collections.abc import Iterator
 
+from eventfds import count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,11 +51,6 @@ def efd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 class Side:

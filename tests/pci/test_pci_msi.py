@@ -8,6 +8,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from eventfds import count
 
 from vfiod.devices.testdev import TestDevice
 from vfiod.pci import MsiCap, PciFunction, Region
@@ -36,11 +37,6 @@ def efd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def is_closed(fd: int) -> bool:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eventfds import count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nvme_helpers import BASE, PAGE, GuestRam, Host, count, efd
+from nvme_helpers import BASE, PAGE, GuestRam, Host, efd
 
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.devices.nvme import constants as K

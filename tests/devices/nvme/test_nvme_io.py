@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import NS_BYTES
-from nvme_helpers import PAGE, FakeDma, Host, count, efd
+from eventfds import count
+from nvme_helpers import PAGE, FakeDma, Host, efd
 
 from vfiod.devices.nvme import Command, NvmeController
 from vfiod.devices.nvme import constants as K

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nvme_helpers import PAGE, FakeDma, GuestRam, Host, count, efd, need_event
+from eventfds import count
+from nvme_helpers import PAGE, FakeDma, GuestRam, Host, efd, need_event
 
 from vfiod import config
 from vfiod.devices.nvme import Command, NvmeController
